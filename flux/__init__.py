@@ -1,0 +1,1 @@
+"""Generation: sizes, requests, pipelines, output encoding."""

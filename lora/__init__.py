@@ -1,0 +1,1 @@
+"""LoRA: sources, formats, applying and unloading."""
