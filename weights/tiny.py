@@ -1,6 +1,37 @@
-"""Tiny, randomly initialised FLUX weights in the real diffusers repo layout (for CPU tests)."""
+"""Tiny, randomly initialised FLUX weights in the real diffusers repo layout (for CPU tests).
+
+`ensure_tiny_flux(root)` writes root/FLUX.1-dev and root/FLUX.1-schnell, each laid out like the
+black-forest-labs repos on the Hub (model_index.json plus one folder per pipeline component), so the
+code under test loads them exactly as it loads the real weights. Only the sizes are tiny.
+
+Weights are stored in bf16, as in the real repos: every value is then exactly representable in bf16
+and fp32, so a loader that asks for either dtype gets the same numbers, and a loader that forgets
+`torch_dtype` meets the same dtype mix as with the real weights.
+"""
 
 from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# Bump whenever the generated files change, so existing caches get rebuilt.
+FORMAT_VERSION = "1"
+MARKER_FILE = ".tiny-flux-format"
+LOCK_FILE = ".tiny-flux.lock"
+PARTIAL_PREFIX = ".partial-"
+
+VARIANT_DIRS = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell"}
+TRANSFORMER_SEEDS = {"dev": 0, "schnell": 1}
+CLIP_SEED, T5_SEED, VAE_SEED = 10, 11, 12
+SHARED_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 
 # Shapes of the tiny transformer. in_channels = VAE latent_channels (4) x 2x2 packing.
 TRANSFORMER_CONFIG = dict(
@@ -15,6 +46,168 @@ TRANSFORMER_CONFIG = dict(
     axes_dims_rope=(4, 6, 6),
 )
 
+# FLUX's VAE with tiny widths: 4 blocks keep the 8x downscale; FLUX's scaling and shift factors.
+# The mid-block attention is off because at 1024x1024 it attends over 16k positions, which alone
+# would take longer on CPU than the whole rest of the pipeline.
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 8, 8),
+    layers_per_block=1,
+    norm_num_groups=4,
+    latent_channels=4,
+    act_fn="silu",
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    force_upcast=True,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=False,
+)
+
+# scheduler/scheduler_config.json of the real repos: dev shifts the schedule by image size, schnell does not.
+SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
+    "dev": dict(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+    ),
+    "schnell": dict(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=False,
+    ),
+}
+
+MODEL_INDEX = {
+    "_class_name": "FluxPipeline",
+    "_diffusers_version": "0.30.0.dev0",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "FluxTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+CLIP_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512
+T5_EXTRA_IDS = 100
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+
+# What the tokenizers learn from: prompt-like English, so common prompt words become single tokens.
+TOKENIZER_CORPUS = (
+    "a photo of TOK, a portrait of a person in the style of TOK",
+    "a cinematic still of a cat sitting on a wooden table next to a window, soft morning light",
+    "an astronaut riding a horse on the moon, highly detailed, 8k, sharp focus",
+    "a watercolor painting of a lighthouse on a rocky coast at sunset with dramatic clouds",
+    "close-up photograph of a red apple, studio lighting, black background, 50mm lens",
+    "a cozy cabin in a snowy forest at night, warm glow from the windows, stars in the sky",
+    "the quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! 0123456789",
+    "an illustration of a dragon flying over a medieval castle; fantasy art, vibrant colors",
+    "a bowl of ramen with egg and green onions, food photography, shallow depth of field",
+    "street scene in tokyo at night, neon signs, rain reflections, people with umbrellas",
+    "minimalist logo of a mountain and a river, flat design, blue and white",
+    "a man wearing a black jacket and a woman in a yellow dress walking on the beach",
+    "oil painting, impressionism, a garden full of flowers, bright summer day",
+    "3d render of a cute robot holding a sign that says 'hello world' (octane, unreal engine)",
+    "anime style girl with long hair, school uniform, cherry blossoms, detailed background",
+    "aerial view of a city with skyscrapers, golden hour, photorealistic, wide angle",
+    "vintage film photo of a car on a desert road, grain, kodak portra 400, 1970s",
+    "pencil sketch of an old tree, cross hatching, paper texture: black & white @ 35% contrast",
+)
+
+
+def default_tiny_root() -> Path:
+    """Where the tiny weights live unless a caller says otherwise (the .cache folder is git-ignored)."""
+    configured = os.environ.get("FLUX_TINY_WEIGHTS_DIR")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parent.parent / ".cache" / "tiny-weights"
+
+
+def ensure_tiny_flux(root: Path) -> dict[str, Path]:
+    """Build the tiny dev and schnell repos under root unless a complete current build is there."""
+    root = Path(root)
+    targets = {variant: root / name for variant, name in VARIANT_DIRS.items()}
+    if all(_is_complete(path) for path in targets.values()):
+        return targets
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root / LOCK_FILE):
+        # Anything half-built belongs to a process that died: we hold the lock, so no one is writing it.
+        for leftover in root.glob(PARTIAL_PREFIX + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if not all(_is_complete(path) for path in targets.values()):
+            _build_all(root, targets)
+    return targets
+
+
+def _is_complete(repo_dir: Path) -> bool:
+    try:
+        return (repo_dir / MARKER_FILE).read_text() == FORMAT_VERSION
+    except OSError:
+        return False
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _build_all(root: Path, targets: dict[str, Path]) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=root))
+    try:
+        built = {variant: staging / path.name for variant, path in targets.items()}
+        _write_repo(built["dev"], "dev")
+        _write_repo(built["schnell"], "schnell", shared_from=built["dev"])
+        for variant, target in targets.items():
+            _replace_dir(built[variant], target, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_dir(new_dir: Path, target: Path, staging: Path) -> None:
+    """Swap new_dir into target's place; a stale target is moved aside first, since rename can't overwrite it."""
+    if target.exists():
+        target.rename(staging / (target.name + ".stale"))
+    new_dir.rename(target)
+
+
+def _write_repo(repo_dir: Path, variant: str, shared_from: Path | None = None) -> None:
+    """Write one complete repo; the marker goes last, so a repo without it was never finished."""
+    repo_dir.mkdir(parents=True)
+    _write_json(repo_dir / "model_index.json", MODEL_INDEX)
+    _write_scheduler(repo_dir / "scheduler", variant)
+    _save_model(tiny_transformer(variant == "dev", TRANSFORMER_SEEDS[variant]), repo_dir / "transformer")
+    if shared_from is not None:
+        for component in SHARED_COMPONENTS:
+            shutil.copytree(shared_from / component, repo_dir / component)
+    else:
+        clip_vocab_size = _write_clip_tokenizer(repo_dir / "tokenizer")
+        t5_vocab_size = _write_t5_tokenizer(repo_dir / "tokenizer_2")
+        _save_model(_tiny_clip_text_model(clip_vocab_size), repo_dir / "text_encoder")
+        _save_model(_tiny_t5_encoder(t5_vocab_size), repo_dir / "text_encoder_2")
+        _save_model(_tiny_vae(), repo_dir / "vae")
+    (repo_dir / MARKER_FILE).write_text(FORMAT_VERSION)
+
 
 def tiny_transformer(guidance_embeds: bool, seed: int = 0):
     """A tiny FluxTransformer2DModel (dev: guidance_embeds=True, schnell: False), deterministic from seed."""
@@ -23,3 +216,209 @@ def tiny_transformer(guidance_embeds: bool, seed: int = 0):
 
     torch.manual_seed(seed)
     return FluxTransformer2DModel(**TRANSFORMER_CONFIG, guidance_embeds=guidance_embeds)
+
+
+def _tiny_vae():
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(VAE_SEED)
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def _tiny_clip_text_model(vocab_size: int):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # The pooled output feeds the transformer's pooled projection, so the widths must agree.
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TRANSFORMER_CONFIG["pooled_projection_dim"],
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=TRANSFORMER_CONFIG["pooled_projection_dim"],
+        hidden_act="quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    torch.manual_seed(CLIP_SEED)
+    return CLIPTextModel(config)
+
+
+def _tiny_t5_encoder(vocab_size: int):
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    # T5 v1.1 shape (gated GELU, untied embeddings), with d_model = the transformer's text width.
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=TRANSFORMER_CONFIG["joint_attention_dim"],
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(T5_SEED)
+    return T5EncoderModel(config)
+
+
+def _save_model(model: Any, directory: Path) -> None:
+    # Round to bf16 and store as fp32 (see the module docstring). .bfloat16()/.float() rather than .to(dtype),
+    # which in diffusers warns about fp32-pinned modules (FLUX has none).
+    model.bfloat16().float().save_pretrained(directory, safe_serialization=True)
+
+
+def _write_scheduler(directory: Path, variant: str) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[variant]).save_pretrained(directory)
+
+
+def _write_clip_tokenizer(directory: Path) -> int:
+    """Train a byte-level BPE the way CLIP's works; write CLIP's four files. Returns the vocab size."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                behavior="removed",
+                invert=True,
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+    )
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    merges = [tuple(pair) for pair in json.loads(tokenizer.to_str())["model"]["merges"]]
+
+    # CLIP's vocab order: every byte, every byte ending a word, the merges in order, then bos, eos.
+    # (GPT-2's byte table maps printable bytes to themselves and the rest above 255, so code point order works.)
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = byte_chars + [char + "</w>" for char in byte_chars] + ["".join(pair) for pair in merges]
+    tokens = list(dict.fromkeys(tokens)) + [CLIP_BOS, CLIP_EOS]
+    vocab = {token: index for index, token in enumerate(tokens)}
+
+    directory.mkdir(parents=True)
+    _write_json(directory / "vocab.json", vocab)
+    merge_lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
+    (directory / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
+    special = {name: _added_token(CLIP_EOS) for name in ("eos_token", "unk_token")}
+    _write_json(directory / "special_tokens_map.json", {"bos_token": _added_token(CLIP_BOS), **special,
+                                                         "pad_token": CLIP_EOS})
+    _write_json(
+        directory / "tokenizer_config.json",
+        {
+            "add_prefix_space": False,
+            "added_tokens_decoder": {
+                str(vocab[token]): {**_added_token(token), "special": True} for token in (CLIP_BOS, CLIP_EOS)
+            },
+            "bos_token": CLIP_BOS,
+            "clean_up_tokenization_spaces": True,
+            "do_lower_case": True,
+            "eos_token": CLIP_EOS,
+            "errors": "replace",
+            "model_max_length": CLIP_MAX_LENGTH,
+            "pad_token": CLIP_EOS,
+            "tokenizer_class": "CLIPTokenizer",
+            "unk_token": CLIP_EOS,
+        },
+    )
+    return len(vocab)
+
+
+def _write_t5_tokenizer(directory: Path) -> int:
+    """Train a Unigram model the way T5's works; write tokenizer.json and configs. Returns the vocab size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+        )
+
+    learner = Tokenizer(models.Unigram())
+    learner.pre_tokenizer = pre_tokenizer()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=400, special_tokens=[T5_PAD, T5_EOS, T5_UNK], unk_token=T5_UNK, show_progress=False
+    )
+    learner.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    pieces = [(piece, score) for piece, score in json.loads(learner.to_str())["model"]["vocab"]]
+
+    # T5's layout: <pad>=0, </s>=1, <unk>=2, the pieces, then the sentinels <extra_id_99> .. <extra_id_0>.
+    sentinels = [f"<extra_id_{index}>" for index in reversed(range(T5_EXTRA_IDS))]
+    vocab = pieces + [(sentinel, 0.0) for sentinel in sentinels]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizer()
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=["$A", T5_EOS], pair=["$A", T5_EOS, "$B", T5_EOS], special_tokens=[(T5_EOS, 1)]
+    )
+    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in (T5_PAD, T5_EOS, T5_UNK)])
+    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in sentinels])
+
+    directory.mkdir(parents=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    extra_ids = [f"<extra_id_{index}>" for index in range(T5_EXTRA_IDS)]
+    _write_json(
+        directory / "special_tokens_map.json",
+        {
+            "additional_special_tokens": extra_ids,
+            "eos_token": _added_token(T5_EOS),
+            "pad_token": _added_token(T5_PAD),
+            "unk_token": _added_token(T5_UNK),
+        },
+    )
+    _write_json(
+        directory / "tokenizer_config.json",
+        {
+            "add_prefix_space": True,
+            "additional_special_tokens": extra_ids,
+            "clean_up_tokenization_spaces": True,
+            "eos_token": T5_EOS,
+            "extra_ids": T5_EXTRA_IDS,
+            "legacy": True,
+            "model_max_length": T5_MAX_LENGTH,
+            "pad_token": T5_PAD,
+            "tokenizer_class": "T5Tokenizer",
+            "unk_token": T5_UNK,
+        },
+    )
+    return len(vocab)
+
+
+def _added_token(content: str) -> dict[str, Any]:
+    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str]) -> None:
+    root = Path(argv[0]) if argv else default_tiny_root()
+    for variant, path in ensure_tiny_flux(root).items():
+        print(f"{variant}: {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,79 @@
+"""Loading FLUX once and handing out the pipeline for a (model, mode) pair.
+
+dev and schnell differ only in transformer and scheduler; text encoders, tokenizers and VAE are loaded once from
+the dev folder and shared. img2img and inpaint pipelines are views built with from_pipe, so no weights are copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+
+log = logging.getLogger(__name__)
+
+MODES = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
+MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}  # schnell was trained with 256 T5 tokens
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU, as FLUX ships. On CPU fp32, which is faster there and exact; FLUX_DTYPE overrides."""
+    override = os.environ.get("FLUX_DTYPE", "").strip()
+    if override:
+        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}[override]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class FluxPipelines:
+    """Every pipeline the predictor may run, sharing one copy of each component."""
+
+    def __init__(self, dev_dir: Path, schnell_dir: Path, device: torch.device, dtype: torch.dtype):
+        started = time.perf_counter()
+        dev = FluxPipeline.from_pretrained(dev_dir, torch_dtype=dtype)
+        schnell_components = dict(dev.components)
+        schnell_components["transformer"] = FluxTransformer2DModel.from_pretrained(
+            schnell_dir, subfolder="transformer", torch_dtype=dtype
+        )
+        schnell_components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(schnell_dir, subfolder="scheduler")
+        schnell = FluxPipeline(**schnell_components)
+        self.device, self.dtype = device, dtype
+        self._txt2img = {"dev": dev.to(device), "schnell": schnell.to(device)}
+        for pipe in self._txt2img.values():
+            pipe.set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
+        self._views: dict[tuple[str, str], FluxPipeline] = {}
+        log.info("Loaded FLUX dev + schnell (%s, %s) in %.2fs", device.type, str(dtype).removeprefix("torch."), time.perf_counter() - started)
+
+    def transformer(self, model: str) -> FluxTransformer2DModel:
+        return self._txt2img[model].transformer
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self._txt2img["dev"].text_encoder
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self._txt2img["dev"].vae_scale_factor
+
+    def get(self, model: str, mode: str) -> FluxPipeline:
+        base = self._txt2img[model]
+        if mode == "txt2img":
+            return base
+        key = (model, mode)
+        if key not in self._views:
+            self._views[key] = MODES[mode].from_pipe(base)
+            self._views[key].set_progress_bar_config(disable=True)
+        return self._views[key]

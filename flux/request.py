@@ -1,0 +1,182 @@
+"""A prediction request: the user's inputs validated into one immutable object. No torch here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from flux.images import prepare_image, prepare_mask
+from flux.seeds import resolve_seed
+from flux.sizes import ASPECT_RATIOS, MEGAPIXELS, output_size
+from weights.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODELS = ["dev", "schnell"]
+OUTPUT_FORMATS = ["webp", "jpg", "png"]
+# Inclusive bounds; predict.py repeats them as literals for cog's static schema reader, and a test checks they agree.
+LIMITS: dict[str, tuple[float, float]] = {
+    "prompt_strength": (0, 1),
+    "num_outputs": (1, 4),
+    "num_inference_steps": (1, 50),
+    "guidance_scale": (0, 10),
+    "output_quality": (0, 100),
+    "lora_scale": (-1, 3),
+    "extra_lora_scale": (-1, 3),
+}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA to apply: where it comes from, how strongly, and which input named it (for errors)."""
+
+    source: str
+    scale: float
+    input_name: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    model: str
+    width: int
+    height: int
+    num_outputs: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    output_format: str
+    output_quality: int
+    disable_safety_checker: bool
+    go_fast: bool
+    prompt_strength: float = 0.8
+    image: Image.Image | None = field(default=None, repr=False)
+    mask: Image.Image | None = field(default=None, repr=False)
+    loras: tuple[LoraSpec, ...] = ()
+    main_lora_scale: float = 1.0  # also applies to a main LoRA configured at deploy time
+
+    @property
+    def mode(self) -> str:
+        if self.image is None:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_outputs)]
+
+
+def build_request(
+    *,
+    prompt: str,
+    image: str | Path | None = None,
+    mask: str | Path | None = None,
+    aspect_ratio: str = "1:1",
+    width: int | None = None,
+    height: int | None = None,
+    megapixels: str = "1",
+    prompt_strength: float = 0.8,
+    model: str = "dev",
+    num_outputs: int = 1,
+    num_inference_steps: int = 28,
+    guidance_scale: float = 3.0,
+    seed: int | None = None,
+    output_format: str = "webp",
+    output_quality: int = 80,
+    disable_safety_checker: bool = False,
+    go_fast: bool = False,
+    replicate_weights: str | None = None,
+    lora_scale: float = 1.0,
+    extra_lora: str | None = None,
+    extra_lora_scale: float = 1.0,
+) -> GenerationRequest:
+    """Validate raw inputs (as cog passes them: no type coercion) and decode the images."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError("prompt: is empty; describe the image you want (for a trained LoRA, include its trigger word).")
+    _check_choice("model", model, MODELS)
+    _check_choice("output_format", output_format, OUTPUT_FORMATS)
+    _check_choice("aspect_ratio", aspect_ratio, ASPECT_RATIOS)
+    _check_choice("megapixels", str(megapixels), MEGAPIXELS)
+    numbers = {
+        "prompt_strength": _number("prompt_strength", prompt_strength),
+        "num_outputs": _integer("num_outputs", num_outputs),
+        "num_inference_steps": _integer("num_inference_steps", num_inference_steps),
+        "guidance_scale": _number("guidance_scale", guidance_scale),
+        "output_quality": _integer("output_quality", output_quality),
+    }
+    loras = tuple(
+        LoraSpec(source.strip(), _number(scale_name, scale), source_name)
+        for source_name, source, scale_name, scale in (
+            ("replicate_weights", replicate_weights, "lora_scale", lora_scale),
+            ("extra_lora", extra_lora, "extra_lora_scale", extra_lora_scale),
+        )
+        if source is not None and str(source).strip()
+    )
+    main_lora_scale = _number("lora_scale", lora_scale)
+    if seed is not None:
+        seed = _integer("seed", seed, bounded=False)
+
+    if mask is not None and image is None:
+        raise UserError("mask: a mask needs an input image; also set image (white mask areas are repainted).")
+    picture = prepare_image(image) if image is not None else None
+    if picture is not None:
+        width, height = picture.size
+        log.info("Input image resized to %dx%d; aspect_ratio, width, height and megapixels are ignored.", width, height)
+    else:
+        if aspect_ratio != "custom" and (width is not None or height is not None):
+            log.info("width and height are only used with aspect_ratio=custom; ignoring them.")
+        custom = aspect_ratio == "custom"
+        width, height = output_size(
+            aspect_ratio,
+            str(megapixels),
+            _integer("width", width, bounded=False) if custom and width is not None else None,
+            _integer("height", height, bounded=False) if custom and height is not None else None,
+        )
+    return GenerationRequest(
+        prompt=prompt,
+        model=model,
+        width=width,
+        height=height,
+        num_outputs=int(numbers["num_outputs"]),
+        num_inference_steps=int(numbers["num_inference_steps"]),
+        guidance_scale=float(numbers["guidance_scale"]),
+        seed=resolve_seed(seed),
+        output_format=output_format,
+        output_quality=int(numbers["output_quality"]),
+        disable_safety_checker=bool(disable_safety_checker),
+        go_fast=bool(go_fast),
+        prompt_strength=float(numbers["prompt_strength"]),
+        image=picture,
+        mask=prepare_mask(mask, picture.size) if mask is not None and picture is not None else None,
+        loras=loras,
+        main_lora_scale=main_lora_scale,
+    )
+
+
+def _check_choice(name: str, value: object, choices: list[str]) -> None:
+    if value not in choices:
+        raise UserError(f"{name}: {value!r} is not one of {', '.join(choices)}.")
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{name}: expected a number, got {value!r}.")
+    low, high = LIMITS[name]
+    if not low <= value <= high:
+        raise UserError(f"{name}: {value} is out of range; use {low:g} to {high:g}.")
+    return float(value)
+
+
+def _integer(name: str, value: object, bounded: bool = True) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name}: expected a whole number, got {value!r}.")
+    if bounded:
+        low, high = LIMITS[name]
+        if not low <= value <= high:
+            raise UserError(f"{name}: {value} is out of range; use {low:g} to {high:g}.")
+    return value

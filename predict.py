@@ -1,0 +1,141 @@
+"""The Cog layer: the input schema of the Replicate trained-FLUX-LoRA pages, and nothing else.
+
+Defaults and bounds are literals because cog reads this file statically; flux/request.py holds the same bounds
+and a test checks they agree. All behaviour lives in flux/.
+"""
+
+import logging
+import sys
+from typing import List, Optional
+
+from cog import BasePredictor, Input, Path
+
+from flux.request import build_request
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+        # imported here so that reading the schema (script/schema) does not load torch
+        from flux.generate import FluxGenerator
+        from flux.pipelines import pick_device
+        from weights.config import resolve_weight_paths
+
+        self.generator = FluxGenerator(resolve_weight_paths(cuda_available=pick_device().type == "cuda"))
+
+    def predict(
+        self,
+        prompt: str = Input(description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image."),
+        image: Optional[Path] = Input(
+            description="Input image for image to image or inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored.",
+            default=None,
+        ),
+        mask: Optional[Path] = Input(
+            description="Image mask for image inpainting mode. If provided, aspect_ratio, width, and height inputs are ignored.",
+            default=None,
+        ),
+        aspect_ratio: str = Input(
+            description="Aspect ratio for the generated image. If custom is selected, uses height and width below & will run in bf16 mode",
+            choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"],
+            default="1:1",
+        ),
+        height: Optional[int] = Input(
+            description="Height of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
+            ge=256,
+            le=1440,
+            default=None,
+        ),
+        width: Optional[int] = Input(
+            description="Width of generated image. Only works if `aspect_ratio` is set to custom. Will be rounded to nearest multiple of 16. Incompatible with fast generation",
+            ge=256,
+            le=1440,
+            default=None,
+        ),
+        prompt_strength: float = Input(
+            description="Prompt strength when using img2img. 1.0 corresponds to full destruction of information in image",
+            ge=0.0,
+            le=1.0,
+            default=0.8,
+        ),
+        model: str = Input(
+            description="Which model to run inference with. The dev model performs best with around 28 inference steps but the schnell model only needs 4 steps.",
+            choices=["dev", "schnell"],
+            default="dev",
+        ),
+        num_outputs: int = Input(description="Number of outputs to generate", ge=1, le=4, default=1),
+        num_inference_steps: int = Input(
+            description="Number of denoising steps. More steps can give more detailed images, but take longer.",
+            ge=1,
+            le=50,
+            default=28,
+        ),
+        guidance_scale: float = Input(
+            description="Guidance scale for the diffusion process. Lower values can give more realistic images. Good values to try are 2, 2.5, 3 and 3.5",
+            ge=0,
+            le=10,
+            default=3,
+        ),
+        seed: Optional[int] = Input(description="Random seed. Set for reproducible generation", default=None),
+        output_format: str = Input(
+            description="Format of the output images", choices=["webp", "jpg", "png"], default="webp"
+        ),
+        output_quality: int = Input(
+            description="Quality when saving the output images, from 0 to 100. 100 is best quality, 0 is lowest quality. Not relevant for .png outputs",
+            ge=0,
+            le=100,
+            default=80,
+        ),
+        disable_safety_checker: bool = Input(description="Disable safety checker for generated images.", default=False),
+        go_fast: bool = Input(
+            description="Run faster predictions with model optimized for speed (currently fp8 quantized); disable to run in original bf16",
+            default=False,
+        ),
+        megapixels: str = Input(
+            description="Approximate number of megapixels for generated image", choices=["1", "0.25"], default="1"
+        ),
+        replicate_weights: Optional[str] = Input(
+            description="Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet.",
+            default=None,
+        ),
+        lora_scale: float = Input(description="Determines how strongly the main LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora.", ge=-1, le=3, default=1),
+        extra_lora: Optional[str] = Input(description="Load LoRA weights. Supports Replicate models in the format <owner>/<username> or <owner>/<username>/<version>, HuggingFace URLs in the format huggingface.co/<owner>/<model-name>, CivitAI URLs in the format civitai.com/models/<id>[/<model-name>], or arbitrary .safetensors URLs from the Internet. For example, 'fofr/flux-pixar-cars'", default=None),
+        extra_lora_scale: float = Input(description="Determines how strongly the extra LoRA should be applied. Sane results between 0 and 1 for base inference. For go_fast we apply a 1.5x multiplier to this value; we've generally seen good performance when scaling the base value by that amount. You may still need to experiment to find the best value for your particular lora.", ge=-1, le=3, default=1),
+    ) -> List[Path]:
+        request = build_request(
+            prompt=prompt,
+            image=image,
+            mask=mask,
+            aspect_ratio=aspect_ratio,
+            width=width,
+            height=height,
+            megapixels=megapixels,
+            prompt_strength=prompt_strength,
+            model=model,
+            num_outputs=num_outputs,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            output_format=output_format,
+            output_quality=output_quality,
+            disable_safety_checker=disable_safety_checker,
+            go_fast=go_fast,
+            replicate_weights=replicate_weights,
+            lora_scale=lora_scale,
+            extra_lora=extra_lora,
+            extra_lora_scale=extra_lora_scale,
+        )
+        return [Path(p) for p in self.generator.run(request)]
+
+
+def predict_with_defaults(predictor: BasePredictor, **inputs: object) -> List[Path]:
+    """Call predict() as cog would: omitted inputs take their declared defaults (not FieldInfo objects)."""
+    import inspect
+
+    parameters = inspect.signature(predictor.predict).parameters
+    unknown = sorted(set(inputs) - set(parameters))
+    if unknown:
+        raise ValueError(f"unknown input(s) {', '.join(unknown)}; valid inputs: {', '.join(parameters)}")
+    resolved = {}
+    for name, parameter in parameters.items():
+        resolved[name] = inputs[name] if name in inputs else parameter.default.default
+    return predictor.predict(**resolved)

@@ -1,0 +1,86 @@
+"""`script/predict -i prompt="a photo of TOK" [-i image=@photo.png] [-o DIR]`: one prediction, like `cog predict`.
+
+Runs the predictor in this process (no Docker). Values are typed from the input schema, `@path` passes a file,
+and outputs are written as output.{i}.{ext} in the output directory (default: the working directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse_inputs(pairs: list[str], properties: dict) -> dict:
+    inputs: dict = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"-i {pair!r}: expected name=value")
+        if name not in properties:
+            raise SystemExit(f"-i {name}: unknown input; valid inputs: {', '.join(properties)}")
+        inputs[name] = typed_value(name, raw, properties[name])
+    return inputs
+
+
+def typed_value(name: str, raw: str, schema: dict) -> object:
+    if raw.startswith("@"):
+        path = Path(raw[1:]).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"-i {name}: file {path} does not exist")
+        return path.resolve()
+    kind = schema.get("type")
+    try:
+        if kind == "integer":
+            return int(raw)
+        if kind == "number":
+            return float(raw)
+    except ValueError:
+        raise SystemExit(f"-i {name}: expected a {kind}, got {raw!r}") from None
+    if kind == "boolean":
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"-i {name}: expected true or false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    return raw
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Run one prediction in this process, like `cog predict`.")
+    parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE", help="an input; @path for files")
+    parser.add_argument("-o", "--output-dir", default=".", help="where output.{i}.{ext} are written (default: .)")
+    args = parser.parse_args()
+
+    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    inputs = parse_inputs(args.input, schema["components"]["schemas"]["Input"]["properties"])
+    if "prompt" not in inputs:
+        raise SystemExit('-i prompt=... is required, e.g. script/predict -i prompt="a photo of TOK"')
+
+    from predict import Predictor, predict_with_defaults
+    from weights.errors import UserError
+
+    started = time.perf_counter()
+    predictor = Predictor()
+    predictor.setup()
+    print(f"Setup took {time.perf_counter() - started:.2f}s", file=sys.stderr)
+    try:
+        outputs = predict_with_defaults(predictor, **inputs)
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, output in enumerate(outputs):
+        target = out_dir / f"output.{index}{Path(output).suffix}"
+        shutil.copyfile(output, target)
+        print(f"Written output to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

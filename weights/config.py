@@ -1,0 +1,67 @@
+"""Which weights this process runs: real FLUX from a directory, or the tiny test weights.
+
+- FLUX_WEIGHTS=tiny forces the tiny random weights (tests, CPU demos).
+- FLUX_WEIGHTS_DIR=/path points at real weights laid out as in weights/manifest.py (FLUX.1-dev/, FLUX.1-schnell/,
+  stable-diffusion-safety-checker/, nsfw_image_detection/). Missing folders are downloaded from the Hub into it.
+- Neither set: real weights in ./model-cache when a CUDA GPU is present, otherwise the tiny weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from weights.manifest import MANIFEST
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REAL_DIR = Path("model-cache")
+
+
+@dataclass(frozen=True)
+class WeightPaths:
+    dev: Path
+    schnell: Path
+    safety_stage1: Path
+    safety_stage2: Path
+    tiny: bool
+
+
+def resolve_weight_paths(cuda_available: bool) -> WeightPaths:
+    choice = os.environ.get("FLUX_WEIGHTS", "").strip().lower()
+    directory = os.environ.get("FLUX_WEIGHTS_DIR", "").strip()
+    if choice == "tiny" or (not directory and not cuda_available and choice != "real"):
+        return tiny_weight_paths()
+    root = Path(directory) if directory else DEFAULT_REAL_DIR
+    paths = {name: root / source.folder for name, source in MANIFEST.items()}
+    missing = [name for name, path in paths.items() if not path.is_dir()]
+    if missing:
+        download_real_weights(root, missing)
+    return WeightPaths(**paths, tiny=False)
+
+
+def tiny_weight_paths() -> WeightPaths:
+    from weights.tiny import default_tiny_root, ensure_tiny_flux
+    from weights.tiny_safety import ensure_tiny_safety
+
+    root = default_tiny_root()
+    flux = ensure_tiny_flux(root)
+    safety = ensure_tiny_safety(root)
+    return WeightPaths(
+        dev=flux["dev"], schnell=flux["schnell"], safety_stage1=safety["stage1"], safety_stage2=safety["stage2"], tiny=True
+    )
+
+
+def download_real_weights(root: Path, names: list[str]) -> None:
+    """Fetch missing components from the Hub (parallel, resumable) into a temp folder, then move into place."""
+    from huggingface_hub import snapshot_download
+
+    for name in names:
+        source = MANIFEST[name]
+        target = root / source.folder
+        staging = root / f".{source.folder}.partial"
+        log.info("Downloading %s from %s into %s", name, source.repo_id, target)
+        snapshot_download(source.repo_id, local_dir=staging, allow_patterns=list(source.allow_patterns), max_workers=8)
+        staging.rename(target)  # only a complete download ever gets the real name
