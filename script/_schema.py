@@ -51,7 +51,7 @@ def _type_schema(annotation: object) -> dict:
         return {"type": "string", "format": "uri"}
     if annotation is cog.Secret:
         return {"type": "string", "format": "password", "writeOnly": True, "x-cog-secret": True}
-    if typing.get_origin(annotation) in (list, typing.List):
+    if typing.get_origin(annotation) is list:
         return {"type": "array", "items": _type_schema(typing.get_args(annotation)[0])}
     raise TypeError(f"no schema rule for {annotation!r}")
 

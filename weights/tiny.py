@@ -334,7 +334,8 @@ def _write_clip_tokenizer(directory: Path) -> int:
                 str(vocab[token]): {**_added_token(token), "special": True} for token in (CLIP_BOS, CLIP_EOS)
             },
             "bos_token": CLIP_BOS,
-            "clean_up_tokenization_spaces": True,
+            # The real repo says True; transformers 5 ignores that for BPE and warns on every load.
+            "clean_up_tokenization_spaces": False,
             "do_lower_case": True,
             "eos_token": CLIP_EOS,
             "errors": "replace",
