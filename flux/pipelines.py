@@ -19,8 +19,13 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 log = logging.getLogger(__name__)
+# loading bars are noise in a prediction's logs
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
 
 MODES = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}  # schnell was trained with 256 T5 tokens
@@ -43,10 +48,10 @@ class FluxPipelines:
 
     def __init__(self, dev_dir: Path, schnell_dir: Path, device: torch.device, dtype: torch.dtype):
         started = time.perf_counter()
-        dev = FluxPipeline.from_pretrained(dev_dir, torch_dtype=dtype)
+        dev = FluxPipeline.from_pretrained(dev_dir, dtype=dtype)
         schnell_components = dict(dev.components)
         schnell_components["transformer"] = FluxTransformer2DModel.from_pretrained(
-            schnell_dir, subfolder="transformer", torch_dtype=dtype
+            schnell_dir, subfolder="transformer", dtype=dtype
         )
         schnell_components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(schnell_dir, subfolder="scheduler")
         schnell = FluxPipeline(**schnell_components)

@@ -1,0 +1,107 @@
+"""Generation through the in-process Predictor on the tiny weights: determinism, batches, modes, formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from predict import predict_with_defaults
+from weights.errors import UserError
+
+FAST = {"prompt": "a photo of TOK", "num_inference_steps": 2, "megapixels": "0.25", "disable_safety_checker": True}
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_same_request_gives_byte_identical_files(predictor):
+    first = [p.read_bytes() for p in predict_with_defaults(predictor, **FAST, seed=11, num_outputs=2)]
+    second = [p.read_bytes() for p in predict_with_defaults(predictor, **FAST, seed=11, num_outputs=2)]
+    assert first == second
+    assert first[0] != first[1]  # seed+1 is a different image
+
+
+def test_image_i_of_a_batch_equals_a_single_run_with_seed_plus_i(predictor):
+    batch = [pixels(p) for p in predict_with_defaults(predictor, **FAST, seed=100, num_outputs=3, output_format="png")]
+    for i in (1, 2):
+        single = pixels(predict_with_defaults(predictor, **FAST, seed=100 + i, output_format="png")[0])
+        difference = np.abs(single - batch[i])
+        assert difference.max() <= 2, "batched kernels may differ by float noise only"
+        assert (difference > 0).mean() < 0.01
+    assert np.abs(batch[0] - batch[1]).mean() > 5
+
+
+def test_one_request_in_flight_leaves_no_files_behind(predictor):
+    first = predict_with_defaults(predictor, **FAST, seed=1)
+    second = predict_with_defaults(predictor, **FAST, seed=1)
+    assert not first[0].exists() and second[0].exists()
+    assert first[0].parent != second[0].parent
+
+
+@pytest.mark.parametrize("output_format, pil_format", [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")])
+def test_formats_and_names(predictor, output_format, pil_format):
+    paths = predict_with_defaults(predictor, **FAST, seed=3, num_outputs=2, output_format=output_format, aspect_ratio="3:2")
+    assert [p.name for p in paths] == [f"out-0.{output_format}", f"out-1.{output_format}"]
+    for path in paths:
+        image = Image.open(path)
+        assert image.format == pil_format and image.size == (608, 416)
+
+
+@pytest.mark.parametrize("output_format", ["jpg", "webp"])
+def test_quality_changes_lossy_file_size(predictor, output_format):
+    low = predict_with_defaults(predictor, **FAST, seed=4, output_format=output_format, output_quality=10)[0].stat().st_size
+    high = predict_with_defaults(predictor, **FAST, seed=4, output_format=output_format, output_quality=95)[0].stat().st_size
+    assert high > low * 1.5
+
+
+def test_png_ignores_quality(predictor):
+    a = predict_with_defaults(predictor, **FAST, seed=4, output_format="png", output_quality=10)[0].read_bytes()
+    b = predict_with_defaults(predictor, **FAST, seed=4, output_format="png", output_quality=95)[0].read_bytes()
+    assert a == b
+
+
+def test_schnell_ignores_guidance_and_dev_uses_it(predictor):
+    def image(model, guidance):
+        return predict_with_defaults(predictor, **FAST, seed=5, model=model, guidance_scale=guidance, output_format="png")[0].read_bytes()
+
+    assert image("schnell", 0) == image("schnell", 7)
+    assert image("dev", 0) != image("dev", 7)
+    assert image("dev", 3) != image("schnell", 3)
+
+
+def test_custom_size(predictor):
+    path = predict_with_defaults(predictor, **FAST, aspect_ratio="custom", width=300, height=520)[0]
+    assert Image.open(path).size == (304, 528)
+
+
+def test_img2img_uses_the_input_size_and_strength(predictor, tmp_path):
+    source = tmp_path / "in.png"
+    Image.effect_noise((500, 333), 60).convert("RGB").save(source)
+    def run(strength):
+        path = predict_with_defaults(predictor, **{**FAST, "num_inference_steps": 4}, seed=6, image=source, prompt_strength=strength, output_format="png")[0]
+        return pixels(path)
+
+    weak, strong = run(0.3), run(1.0)
+    assert weak.shape == (336, 496, 3)
+    assert weak.tolist() != strong.tolist()
+
+
+def test_inpaint_depends_on_the_mask(predictor, tmp_path):
+    source, left, right = tmp_path / "in.png", tmp_path / "left.png", tmp_path / "right.png"
+    Image.effect_noise((256, 256), 60).convert("RGB").save(source)
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (0, 0, 128, 256))
+    mask.save(left)
+    mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(right)
+    a = pixels(predict_with_defaults(predictor, **FAST, seed=7, image=source, mask=left, output_format="png")[0])
+    b = pixels(predict_with_defaults(predictor, **FAST, seed=7, image=source, mask=right, output_format="png")[0])
+    assert a.shape == (256, 256, 3)
+    assert a.tolist() != b.tolist()
+
+
+def test_bad_input_is_a_user_error_and_the_predictor_keeps_working(predictor, tmp_path):
+    with pytest.raises(UserError, match="^mask: "):
+        predict_with_defaults(predictor, **FAST, mask=tmp_path / "missing.png")
+    assert predict_with_defaults(predictor, **FAST)[0].exists()
