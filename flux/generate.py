@@ -15,6 +15,7 @@ from PIL import Image
 from flux.output import save_images
 from flux.pipelines import MAX_SEQUENCE_LENGTH, FluxPipelines, pick_device, pick_dtype
 from flux.request import GenerationRequest
+from safety.checker import SafetyChecker
 from weights.config import WeightPaths
 from weights.errors import UserError
 
@@ -41,6 +42,7 @@ class FluxGenerator:
         self.dtype = pick_dtype(self.device)
         self.weights = weights
         self.pipelines = FluxPipelines(weights.dev, weights.schnell, self.device, self.dtype)
+        self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)
         self._last_out_dir: Path | None = None
 
     def run(self, request: GenerationRequest) -> list[Path]:
@@ -52,11 +54,7 @@ class FluxGenerator:
             log.info("go_fast: fp8 is not available in this build yet; running in bf16.")
         with phase("Denoising"):
             images = self._denoise(request)
-        if request.disable_safety_checker:
-            log.info("Safety checker disabled by disable_safety_checker=true.")
-        else:
-            log.info("Safety checker is not available in this build yet; skipping it.")
-        kept = list(enumerate(images))
+        kept = self.safety.check(images, disabled=request.disable_safety_checker).kept_or_raise(images)
         out_dir = self._fresh_output_dir()
         with phase("Encoding"):
             return save_images(kept, request.output_format, request.output_quality, out_dir)

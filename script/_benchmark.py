@@ -96,8 +96,7 @@ def main() -> int:
     report("P5", "Predictor.setup() / bare FluxPipeline.from_pretrained", setup_ours, setup_bare, "<= 1.3")
 
     if not args.skip_http:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import start_cog_server, stop_cog_server
+        from tests.fixtures.cog_server import start_cog_server, stop_cog_server
 
         with tempfile.TemporaryDirectory() as tmp:
             server = start_cog_server(Path(tmp))

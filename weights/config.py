@@ -4,13 +4,14 @@
 - FLUX_WEIGHTS_DIR=/path points at real weights laid out as in weights/manifest.py (FLUX.1-dev/, FLUX.1-schnell/,
   stable-diffusion-safety-checker/, nsfw_image_detection/). Missing folders are downloaded from the Hub into it.
 - Neither set: real weights in ./model-cache when a CUDA GPU is present, otherwise the tiny weights.
+- FLUX_SAFETY_WEIGHTS_DIR=/path takes the two safety checker folders from elsewhere (e.g. a tuned checker).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from weights.manifest import MANIFEST
@@ -30,6 +31,18 @@ class WeightPaths:
 
 
 def resolve_weight_paths(cuda_available: bool) -> WeightPaths:
+    paths = _flux_weight_paths(cuda_available)
+    safety_dir = os.environ.get("FLUX_SAFETY_WEIGHTS_DIR", "").strip()
+    if safety_dir:
+        paths = replace(
+            paths,
+            safety_stage1=Path(safety_dir) / MANIFEST["safety_stage1"].folder,
+            safety_stage2=Path(safety_dir) / MANIFEST["safety_stage2"].folder,
+        )
+    return paths
+
+
+def _flux_weight_paths(cuda_available: bool) -> WeightPaths:
     choice = os.environ.get("FLUX_WEIGHTS", "").strip().lower()
     directory = os.environ.get("FLUX_WEIGHTS_DIR", "").strip()
     if choice == "tiny" or (not directory and not cuda_available and choice != "real"):

@@ -4,26 +4,32 @@
 black-forest-labs repos on the Hub (model_index.json plus one folder per pipeline component), so the
 code under test loads them exactly as it loads the real weights. Only the sizes are tiny.
 
-Weights are stored in bf16, as in the real repos: every value is then exactly representable in bf16
-and fp32, so a loader that asks for either dtype gets the same numbers, and a loader that forgets
-`torch_dtype` meets the same dtype mix as with the real weights.
+Weights are stored as fp32 holding values rounded to bf16. The real repos store bf16, but with these
+versions a plain `FluxPipeline.from_pretrained(dir)` then loads the diffusers parts as fp32 and the
+transformers parts as bf16 and fails on the mix; fp32 files load in one dtype, and CPU runs fp32 faster.
+The bf16 rounding makes loading with torch_dtype bf16 or fp32 give exactly the same numbers.
+
+Everything is a pure function of fixed seeds and the built-in corpus: two builds are byte-identical.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 # Bump whenever the generated files change, so existing caches get rebuilt.
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 MARKER_FILE = ".tiny-flux-format"
 LOCK_FILE = ".tiny-flux.lock"
 PARTIAL_PREFIX = ".partial-"
@@ -285,14 +291,14 @@ def _write_scheduler(directory: Path, variant: str) -> None:
 
 
 def _write_clip_tokenizer(directory: Path) -> int:
-    """Train a byte-level BPE the way CLIP's works; write CLIP's four files. Returns the vocab size."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """Learn a byte-level BPE the way CLIP's works; write CLIP's four files. Returns the vocab size."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
 
-    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tokenizer.normalizer = normalizers.Sequence(
+    # The same normalisation and word splitting as transformers' CLIPTokenizer applies when it loads these files.
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    splitter = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(
                 Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
@@ -302,20 +308,16 @@ def _write_clip_tokenizer(directory: Path) -> int:
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-    )
-    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer)
-    merges = [tuple(pair) for pair in json.loads(tokenizer.to_str())["model"]["merges"]]
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in TOKENIZER_CORPUS:
+        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)):
+            words[(*word[:-1], word[-1] + "</w>")] += 1
+    merges = _learn_bpe_merges(words)
 
     # CLIP's vocab order: every byte, every byte ending a word, the merges in order, then bos, eos.
     # (GPT-2's byte table maps printable bytes to themselves and the rest above 255, so code point order works.)
     byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = byte_chars + [char + "</w>" for char in byte_chars] + ["".join(pair) for pair in merges]
+    tokens = byte_chars + [char + "</w>" for char in byte_chars] + [left + right for left, right in merges]
     tokens = list(dict.fromkeys(tokens)) + [CLIP_BOS, CLIP_EOS]
     vocab = {token: index for index, token in enumerate(tokens)}
 
@@ -323,9 +325,15 @@ def _write_clip_tokenizer(directory: Path) -> int:
     _write_json(directory / "vocab.json", vocab)
     merge_lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
     (directory / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
-    special = {name: _added_token(CLIP_EOS) for name in ("eos_token", "unk_token")}
-    _write_json(directory / "special_tokens_map.json", {"bos_token": _added_token(CLIP_BOS), **special,
-                                                         "pad_token": CLIP_EOS})
+    _write_json(
+        directory / "special_tokens_map.json",
+        {
+            "bos_token": _added_token(CLIP_BOS),
+            "eos_token": _added_token(CLIP_EOS),
+            "pad_token": CLIP_EOS,
+            "unk_token": _added_token(CLIP_EOS),
+        },
+    )
     _write_json(
         directory / "tokenizer_config.json",
         {
@@ -348,33 +356,62 @@ def _write_clip_tokenizer(directory: Path) -> int:
     return len(vocab)
 
 
+def _learn_bpe_merges(words: Counter[tuple[str, ...]], min_count: int = 2) -> list[tuple[str, str]]:
+    """Classic BPE learning: merge the most frequent adjacent pair until none occurs min_count times.
+
+    Written out rather than using tokenizers' BpeTrainer, which breaks ties between equally frequent
+    pairs in hash-map order, so two runs can learn different merges. Here ties go to the smaller pair.
+    """
+    merges: list[tuple[str, str]] = []
+    while True:
+        pair_counts: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words.items():
+            for pair in pairwise(symbols):
+                pair_counts[pair] += count
+        if not pair_counts:
+            return merges
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        if pair_counts[best] < min_count:
+            return merges
+        merges.append(best)
+        words = Counter({_merge_pair(symbols, best): count for symbols, count in words.items()})
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged: list[str] = []
+    index = 0
+    while index < len(symbols):
+        if symbols[index : index + 2] == pair:
+            merged.append(pair[0] + pair[1])
+            index += 2
+        else:
+            merged.append(symbols[index])
+            index += 1
+    return tuple(merged)
+
+
 def _write_t5_tokenizer(directory: Path) -> int:
-    """Train a Unigram model the way T5's works; write tokenizer.json and configs. Returns the vocab size."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """Estimate a Unigram model the way T5's works; write tokenizer.json and configs. Returns the vocab size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
-        )
-
-    learner = Tokenizer(models.Unigram())
-    learner.pre_tokenizer = pre_tokenizer()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=400, special_tokens=[T5_PAD, T5_EOS, T5_UNK], unk_token=T5_UNK, show_progress=False
+    splitter = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
     )
-    learner.train_from_iterator(TOKENIZER_CORPUS, trainer)
-    pieces = [(piece, score) for piece, score in json.loads(learner.to_str())["model"]["vocab"]]
+    pieces = _unigram_pieces(
+        [word for text in TOKENIZER_CORPUS for word, _ in splitter.pre_tokenize_str(text)]
+    )
 
     # T5's layout: <pad>=0, </s>=1, <unk>=2, the pieces, then the sentinels <extra_id_99> .. <extra_id_0>.
     sentinels = [f"<extra_id_{index}>" for index in reversed(range(T5_EXTRA_IDS))]
-    vocab = pieces + [(sentinel, 0.0) for sentinel in sentinels]
+    specials = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0)]
+    vocab = specials + pieces + [(sentinel, 0.0) for sentinel in sentinels]
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizer()
+    tokenizer.pre_tokenizer = splitter
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.post_processor = processors.TemplateProcessing(
         single=["$A", T5_EOS], pair=["$A", T5_EOS, "$B", T5_EOS], special_tokens=[(T5_EOS, 1)]
     )
-    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in (T5_PAD, T5_EOS, T5_UNK)])
+    tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token, _ in specials])
     tokenizer.add_special_tokens([AddedToken(token, normalized=False) for token in sentinels])
 
     directory.mkdir(parents=True)
@@ -405,6 +442,24 @@ def _write_t5_tokenizer(directory: Path) -> int:
         },
     )
     return len(vocab)
+
+
+def _unigram_pieces(words: list[str], max_piece_length: int = 8) -> list[tuple[str, float]]:
+    """Unigram pieces with log-probability scores, from substring counts (SentencePiece's seed estimate).
+
+    Written out rather than using tokenizers' UnigramTrainer, whose EM sums in hash-map order: its
+    scores and the order of equal pieces change from run to run.
+    """
+    counts: Counter[str] = Counter()
+    for word in words:
+        for start in range(len(word)):
+            for end in range(start + 1, min(start + max_piece_length, len(word)) + 1):
+                counts[word[start:end]] += 1
+    # Every single character stays, so any text made of seen characters can be segmented.
+    kept = {piece: count for piece, count in counts.items() if count >= 2 or len(piece) == 1}
+    total = sum(kept.values())
+    scored = [(piece, round(math.log(count / total), 4)) for piece, count in kept.items()]
+    return sorted(scored, key=lambda item: (-item[1], item[0]))
 
 
 def _added_token(content: str) -> dict[str, Any]:

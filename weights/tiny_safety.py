@@ -229,8 +229,8 @@ def tiny_stage2_model():
         _set_patch_features(projection.weight, features, std)
         for dim, (colour, offset) in enumerate(zip(features, offsets, strict=True)):
             projection.bias[dim] = offset + sum(weight * m for weight, m in zip(colour, mean, strict=True))
-        layer = vit.encoder.layer[0]
-        _make_class_token_average_patches(layer.attention.attention.value, layer.attention.output.dense)
+        layer = vit.layers[0]
+        _make_class_token_average_patches(layer.attention.v_proj, layer.attention.o_proj)
         for norm in (layer.layernorm_before, layer.layernorm_after, vit.layernorm):
             norm.weight.fill_(1.0)
         # logit(nsfw) - logit(normal) = scale * (redness - ratio * anchor), both measured on the class token.

@@ -1,0 +1,371 @@
+"""Fetching a LoRA source (`replicate_weights`, `extra_lora`) to a local .safetensors file.
+
+    fetch_lora(source, input_name="extra_lora") -> Path
+
+Sources (parsed by `lora.sources`) and where their bytes come from:
+- Replicate `owner/model[/version]`: `{FLUX_REPLICATE_BASE_URL}/{owner}/{model}[/versions/{v}]/_weights`, a tar
+  that must hold exactly one .safetensors. REPLICATE_API_TOKEN, if set, goes to that host only.
+- Hugging Face: the Hub API of HF_ENDPOINT through huggingface_hub (listing the repo when no file is named),
+  then `/{repo}/resolve/{rev}/{file}` through our downloader (cache, ranges, guards). The token is
+  huggingface_hub's (HF_TOKEN or the saved login), sent to the Hub host only, never to its storage redirects.
+- CivitAI: `{FLUX_CIVITAI_BASE_URL}/api/download/models/{version}?type=Model&format=SafeTensor`. For a model id
+  without a version, `/api/v1/models/{id}` gives the newest version and its SafeTensor file's SHA-256.
+  CIVITAI_API_TOKEN, if set, is sent as `Authorization: Bearer` (so it is in no URL) to the CivitAI host only.
+- other http(s) URLs, data: URIs, and local paths (self-hosting; FLUX_LORA_LOCAL_DIRS, a list separated by
+  `os.pathsep`, limits them to those folders).
+A downloaded file may be a .safetensors or a tar holding exactly one; the content decides, not the name.
+Pickle checkpoints (.ckpt/.pt/.bin) are refused. Every file's safetensors header is checked.
+
+Hugging Face pick rule, when the source names no file: the repo's .safetensors files (any folder) are the
+candidates. One candidate: take it. Several: take `lora.safetensors` at the repo root, else
+`pytorch_lora_weights.safetensors` at the root (the names Replicate's trainers and diffusers write). Otherwise
+fail, listing the candidates and saying how to name one (`huggingface.co/owner/repo/<file>`).
+
+Cache: keyed by the normalised source, so `owner/model` or `huggingface.co/owner/repo` (no version, branch)
+is served from the cache after its first download even if the source later changes; name a version or a
+commit to pin one. Environment:
+  FLUX_LORA_CACHE_DIR      cache folder (~/.cache/flux/loras)
+  FLUX_LORA_CACHE_MAX_GB   cache size cap, least recently used evicted first (20)
+  FLUX_CACHE_MIN_FREE_GB   free disk to leave (2)
+  FLUX_LORA_MAX_GB         largest LoRA file accepted (3)
+  FLUX_REPLICATE_BASE_URL  (https://replicate.com)   FLUX_CIVITAI_BASE_URL (https://civitai.com)
+  HF_ENDPOINT              (https://huggingface.co)
+plus the downloader's settings (weights.download).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from huggingface_hub import HfApi, get_token, hf_hub_url
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.hf_api import RepoFile
+
+from lora.sources import (
+    PICKLE_SUFFIXES,
+    CivitAISource,
+    DataUriSource,
+    HuggingFaceSource,
+    LocalPathSource,
+    LoraSource,
+    ReplicateSource,
+    UrlSource,
+    parse_source,
+)
+from weights.cache import GB, MB, FileCache, env_number
+from weights.download import (
+    Downloader,
+    DownloadError,
+    DownloadSettings,
+    FetchResult,
+    HTTPStatusError,
+    Resolved,
+    check_safetensors,
+    extract_single_safetensors,
+    sniff_format,
+)
+from weights.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PREFERRED_HF_FILES = ("lora.safetensors", "pytorch_lora_weights.safetensors")
+_LORA_FILE = "lora.safetensors"
+
+
+def lora_downloader() -> Downloader:
+    """The downloader and cache configured by the environment (read on each call, so tests can set it)."""
+    cache = FileCache.from_env(
+        dir_var="FLUX_LORA_CACHE_DIR",
+        max_gb_var="FLUX_LORA_CACHE_MAX_GB",
+        default_dir="~/.cache/flux/loras",
+        default_max_gb=20,
+    )
+    return Downloader(cache, DownloadSettings.from_env())
+
+
+def fetch_lora(source: str, *, input_name: str, downloader: Downloader | None = None) -> Path:
+    """The path of a local, checked .safetensors file for a LoRA source string. UserError on bad input."""
+    parsed = parse_source(source, input_name=input_name)
+    fetcher = _Fetcher(parsed, input_name, downloader or lora_downloader())
+    result = fetcher.run()
+    how = "cache hit" if result.cache_hit else "downloaded"
+    if isinstance(parsed, LocalPathSource) and result.path == fetcher.local_path:
+        how = "local file"
+    log.info("%s: LoRA %s, %s, %.2f s, %s", input_name, parsed.display, _size(result.size), result.seconds, how)
+    return result.path
+
+
+def pick_hf_file(paths: list[str], *, repo_id: str, input_name: str) -> str:
+    """The file to load from a Hugging Face repo whose source names none (rule in the module docstring)."""
+    candidates = sorted(path for path in paths if path.lower().endswith(".safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    for preferred in PREFERRED_HF_FILES:
+        if preferred in candidates:
+            return preferred
+    if not candidates:
+        pickles = [path for path in paths if path.lower().endswith(PICKLE_SUFFIXES)]
+        note = f" (it has {', '.join(pickles[:5])}: pickle formats are refused)" if pickles else ""
+        raise UserError(f"{input_name}: huggingface.co/{repo_id} holds no .safetensors file{note}")
+    shown = ", ".join(candidates[:20]) + (f" and {len(candidates) - 20} more" if len(candidates) > 20 else "")
+    raise UserError(
+        f"{input_name}: huggingface.co/{repo_id} holds {len(candidates)} .safetensors files ({shown}) and none "
+        f"is named {' or '.join(PREFERRED_HF_FILES)}; name the one to use, "
+        f"e.g. huggingface.co/{repo_id}/{candidates[0]}"
+    )
+
+
+class _Fetcher:
+    def __init__(self, source: LoraSource, input_name: str, downloader: Downloader) -> None:
+        self.source = source
+        self.input_name = input_name
+        self.downloader = downloader
+        self.max_size = int(env_number("FLUX_LORA_MAX_GB", 3) * GB)
+        self.local_path: Path | None = None
+
+    def run(self) -> FetchResult:
+        source = self.source
+        if isinstance(source, ReplicateSource):
+            return self._replicate(source)
+        if isinstance(source, HuggingFaceSource):
+            return self._huggingface(source)
+        if isinstance(source, CivitAISource):
+            return self._civitai(source)
+        if isinstance(source, UrlSource):
+            return self._download(source.url, auth={})
+        if isinstance(source, DataUriSource):
+            return self._data_uri(source)
+        return self._local(source)
+
+    # -------------------------------------------------------------- per source
+
+    def _replicate(self, source: ReplicateSource) -> FetchResult:
+        base = _base_url("FLUX_REPLICATE_BASE_URL", "https://replicate.com")
+        path = f"{source.owner}/{source.model}" + (f"/versions/{source.version}" if source.version else "")
+        token = os.environ.get("REPLICATE_API_TOKEN", "").strip()
+        try:
+            return self._download(f"{base}/{path}/_weights", auth=_bearer(token))
+        except HTTPStatusError as exc:
+            if exc.status in (401, 403):
+                raise self._error(
+                    f"Replicate refused access to {source.display} (HTTP {exc.status}); for a private model set "
+                    "REPLICATE_API_TOKEN to a token of an account that can read it"
+                ) from None
+            if exc.status == 404:
+                raise self._error(
+                    f"Replicate has no model {source.display}, or it has no trained weights; check the "
+                    "owner/model[/version] name"
+                ) from None
+            raise
+
+    def _huggingface(self, source: HuggingFaceSource) -> FetchResult:
+        endpoint = _base_url("HF_ENDPOINT", "https://huggingface.co")
+        token = get_token()
+        revision = source.revision or "main"
+
+        def resolve() -> Resolved:
+            filename, sha256 = source.filename, None
+            if filename is None:
+                listed = self._list_hf_repo(endpoint, token, source.repo_id, revision)
+                filename = pick_hf_file(list(listed), repo_id=source.repo_id, input_name=self.input_name)
+                entry = listed[filename]
+                if entry.size > self.max_size:
+                    raise self._error(f"{filename} is {entry.size / MB:.1f} MB, over the LoRA size limit")
+                sha256 = entry.lfs.sha256 if entry.lfs else None
+            return Resolved(hf_hub_url(source.repo_id, filename, revision=revision, endpoint=endpoint), sha256)
+
+        try:
+            return self._download(resolve, auth=_bearer(token or ""), description=source.display)
+        except HTTPStatusError as exc:
+            where = f"huggingface.co/{source.repo_id}"
+            if exc.status == 401:
+                raise self._error(
+                    f"{where} was not found or is private; check the name, and for a private repo set HF_TOKEN"
+                ) from None
+            if exc.status == 403:
+                raise self._error(
+                    f"{where} is gated or your token cannot read it; accept its conditions on its page and set "
+                    "HF_TOKEN"
+                ) from None
+            if exc.status == 404:
+                raise self._error(
+                    f"{where} has no file {source.filename!r} at revision {revision!r}; check the file name"
+                ) from None
+            raise
+
+    def _list_hf_repo(self, endpoint: str, token: str | None, repo_id: str, revision: str) -> dict[str, RepoFile]:
+        where = f"huggingface.co/{repo_id}"
+        try:
+            tree = HfApi(endpoint=endpoint, token=token).list_repo_tree(repo_id, revision=revision, recursive=True)
+            return {item.path: item for item in tree if isinstance(item, RepoFile)}
+        except GatedRepoError:
+            raise self._error(
+                f"{where} is gated; accept its conditions on its page and set HF_TOKEN to a token of that account"
+            ) from None
+        except RepositoryNotFoundError:
+            raise self._error(
+                f"{where} was not found; check the name, and for a private repo set HF_TOKEN"
+            ) from None
+        except RevisionNotFoundError:
+            raise self._error(f"{where} has no revision {revision!r}") from None
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else "?"
+            raise DownloadError(
+                f"{self.input_name}: Hugging Face answered HTTP {status} when listing {where}; try again"
+            ) from None
+        except Exception as exc:  # network failures come from httpx inside huggingface_hub
+            raise DownloadError(
+                f"{self.input_name}: could not reach Hugging Face at {endpoint} ({type(exc).__name__}); try again"
+            ) from None
+
+    def _civitai(self, source: CivitAISource) -> FetchResult:
+        base = _base_url("FLUX_CIVITAI_BASE_URL", "https://civitai.com")
+        auth = _bearer(os.environ.get("CIVITAI_API_TOKEN", "").strip())
+
+        def resolve() -> Resolved:
+            version_id, sha256 = source.version_id, None
+            if version_id is None:
+                version_id, sha256 = self._civitai_newest_version(base, auth, str(source.model_id))
+            return Resolved(f"{base}/api/download/models/{version_id}?type=Model&format=SafeTensor", sha256)
+
+        try:
+            return self._download(resolve, auth=auth, description=source.display)
+        except HTTPStatusError as exc:
+            if exc.status == 401:
+                raise self._error(
+                    f"CivitAI requires a login to download {source.display}; set CIVITAI_API_TOKEN to an API key "
+                    "(civitai.com: Account settings, API Keys)"
+                ) from None
+            if exc.status == 403:
+                raise self._error(
+                    f"CivitAI refused {source.display} (HTTP 403): the model may be in early access or need a "
+                    "purchase, or CIVITAI_API_TOKEN is not valid for it"
+                ) from None
+            if exc.status == 404:
+                number = source.version_id or source.model_id
+                raise self._error(
+                    f"CivitAI returned 404 for version {number}. A version id differs from the model id in "
+                    "civitai.com/models/<id>: use the version id from the download link, or "
+                    "civitai.com/models/<id>?modelVersionId=<version>"
+                ) from None
+            raise
+
+    def _civitai_newest_version(self, base: str, auth: dict[str, str], model_id: str) -> tuple[str, str | None]:
+        try:
+            info = self.downloader.get_json(f"{base}/api/v1/models/{model_id}", input_name=self.input_name, auth_headers=auth)
+        except HTTPStatusError as exc:
+            if exc.status == 404:
+                raise self._error(
+                    f"CivitAI has no model {model_id}. If {model_id} is a version id (from a download link), use "
+                    f"civitai.com/api/download/models/{model_id}"
+                ) from None
+            raise
+        versions = info.get("modelVersions") if isinstance(info, dict) else None
+        if not versions or not isinstance(versions[0], dict) or "id" not in versions[0]:
+            raise self._error(f"CivitAI model {model_id} has no downloadable version")
+        newest = versions[0]
+        files = [f for f in newest.get("files") or [] if isinstance(f, dict) and f.get("type", "Model") == "Model"]
+        safetensors = [f for f in files if (f.get("metadata") or {}).get("format") == "SafeTensor"]
+        if files and not safetensors:
+            raise self._error(
+                f"CivitAI model {model_id} (version {newest['id']}) has no SafeTensor file; pickle formats are "
+                "refused"
+            )
+        sha256 = ((safetensors[0].get("hashes") or {}).get("SHA256") if safetensors else None) or None
+        return str(newest["id"]), sha256.lower() if isinstance(sha256, str) else None
+
+    def _data_uri(self, source: DataUriSource) -> FetchResult:
+        if len(source.data) > self.max_size:
+            raise self._error("the data: URI is over the LoRA size limit")
+
+        def produce(work_dir: Path) -> Path:
+            upload = work_dir / "upload.part"
+            upload.write_bytes(source.data)
+            return self._as_safetensors(upload)
+
+        return self.downloader.store(
+            source.cache_key, produce, input_name=self.input_name, description=source.display
+        )
+
+    def _local(self, source: LocalPathSource) -> FetchResult:
+        started = time.monotonic()
+        path = Path(os.path.expanduser(source.path)).resolve()
+        allowed = [Path(d).expanduser().resolve() for d in os.environ.get("FLUX_LORA_LOCAL_DIRS", "").split(os.pathsep) if d]
+        if allowed and not any(path.is_relative_to(folder) for folder in allowed):
+            raise self._error(f"local LoRA paths must be inside FLUX_LORA_LOCAL_DIRS; {source.path} is not")
+        if not path.is_file():
+            raise self._error(f"no such file: {source.path}")
+        size = path.stat().st_size
+        if size > self.max_size:
+            raise self._error(f"{source.path} is {size / MB:.1f} MB, over the LoRA size limit")
+        if sniff_format(path) != "tar":
+            self._refuse_other_formats(path, source.display)
+            check_safetensors(path, input_name=self.input_name)
+            self.local_path = path
+            return FetchResult(path, size, False, time.monotonic() - started)
+        stat = path.stat()
+
+        def produce(work_dir: Path) -> Path:
+            return self._from_tar(path, work_dir / _LORA_FILE)
+
+        key = f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"  # a changed tar is a new source
+        return self.downloader.store(key, produce, input_name=self.input_name, description=source.display)
+
+    # -------------------------------------------------------------- shared
+
+    def _download(
+        self, url: str | Callable[[], Resolved], *, auth: dict[str, str], description: str | None = None
+    ) -> FetchResult:
+        return self.downloader.fetch(
+            url,
+            key=self.source.cache_key,
+            input_name=self.input_name,
+            max_size=self.max_size,
+            auth_headers=auth,
+            finish=self._as_safetensors,
+            description=description or self.source.display,
+        )
+
+    def _as_safetensors(self, path: Path) -> Path:
+        """The checked .safetensors for a fetched file: itself, or the one file of a tar."""
+        if sniff_format(path) == "tar":
+            return self._from_tar(path, path.with_name(_LORA_FILE))
+        self._refuse_other_formats(path, self.source.display)
+        check_safetensors(path, input_name=self.input_name)
+        return path.rename(path.with_name(_LORA_FILE))
+
+    def _from_tar(self, tar_path: Path, dest: Path) -> Path:
+        extract_single_safetensors(tar_path, dest, input_name=self.input_name, max_bytes=self.max_size)
+        check_safetensors(dest, input_name=self.input_name)
+        return dest
+
+    def _refuse_other_formats(self, path: Path, display: str) -> None:
+        kind = sniff_format(path)
+        if kind in ("pickle", "zip"):
+            raise self._error(
+                f"{display} is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), which can run code when loaded; only "
+                ".safetensors LoRAs are accepted. Convert it to .safetensors first."
+            )
+        if kind == "gzip":
+            raise self._error(f"{display} is compressed; use a .safetensors file or a plain .tar holding one")
+        if kind != "safetensors":
+            raise self._error(f"{display} is not a .safetensors file (nor a .tar holding one)")
+
+    def _error(self, message: str) -> UserError:
+        return UserError(f"{self.input_name}: {message}")
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _base_url(variable: str, default: str) -> str:
+    return (os.environ.get(variable, "").strip() or default).rstrip("/")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / MB:.1f} MB" if nbytes >= MB // 10 else f"{nbytes / 1000:.1f} kB"

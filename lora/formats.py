@@ -1,0 +1,364 @@
+"""Reading a LoRA file and converting it, whatever its key layout, to deltas for our modules.
+
+`read_lora` accepts safetensors only (a pickle can run code when loaded). `convert_lora` finds, for each
+LoRA module in the file, the Linear(s) it changes in the loaded transformer (and CLIP text encoder), checks
+every shape against them, and returns `LoraWeights`: per module path the down (A) and up (B) matrices and the
+alpha/rank factor, so that the effective weight is W + scale·(alpha/rank)·B·A (lora/apply.py does that).
+
+Decisions:
+- alpha: an explicit `.alpha` key wins, then diffusers' `lora_adapter_metadata` (lora_alpha/alpha_pattern),
+  else alpha = rank (factor 1). rank is the down matrix's row count, as kohya, ComfyUI and diffusers read it.
+  alpha 0 means "no scaling" (factor 1), as in kohya's sd-scripts, which defined the key.
+- CLIP keys (kohya `lora_te1_`/`lora_te_`, diffusers `text_encoder.`, ComfyUI `text_encoders.clip_l.`) are
+  applied to the CLIP text encoder when the caller passes one, as diffusers and ComfyUI do; otherwise they
+  are ignored with a log line. T5 keys (`lora_te2_`, `text_encoder_2.`, `text_encoders.t5xxl.`) are ignored
+  with a log line: no FLUX trainer we know of trains T5, and diffusers drops them too.
+- Keys that are not LoRA matrices (DoRA scales, LoKr/LoHa factors, full norm weights of BFL control LoRAs,
+  `.diff` deltas) and modules we do not have are ignored and counted; a LoRA must still change at least one
+  transformer module, and every module it names must fit, or it is refused as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from lora import layouts
+from lora.layouts import ALPHA, DOWN, DOWN_BIAS, UP, UP_BIAS, Target
+from weights.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_SUPPORTED = "diffusers/PEFT, ai-toolkit, kohya, ComfyUI, XLabs or BFL"
+_METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights writes the LoraConfig here
+
+
+@dataclass(frozen=True, eq=False)
+class LoraDelta:
+    """A low-rank change of one Linear: weight += scale·factor·up@down, bias += scale·factor·bias_delta."""
+
+    down: Tensor  # A: rank × in_features
+    up: Tensor  # B: out_features × rank
+    factor: float  # alpha / rank
+    up_bias: Tensor | None = None  # bias of B (PEFT lora_bias / ai-toolkit), out_features
+    down_bias: Tensor | None = None  # bias of A (some BFL LoRAs), rank
+
+    @property
+    def has_bias(self) -> bool:
+        return self.up_bias is not None or self.down_bias is not None
+
+    def weight_delta(self, device: torch.device | str | None = None) -> Tensor:
+        """up@down in float32 (unscaled)."""
+        return self.up.to(device, torch.float32) @ self.down.to(device, torch.float32)
+
+    def bias_delta(self, device: torch.device | str | None = None) -> Tensor | None:
+        """What the LoRA adds to the bias (unscaled): B(b_A) + b_B."""
+        if not self.has_bias:
+            return None
+        delta = torch.zeros(self.up.shape[0], dtype=torch.float32, device=device)
+        if self.down_bias is not None:
+            delta += self.up.to(device, torch.float32) @ self.down_bias.to(device, torch.float32)
+        if self.up_bias is not None:
+            delta += self.up_bias.to(device, torch.float32)
+        return delta
+
+
+@dataclass(frozen=True, eq=False)
+class LoraWeights:
+    """A converted LoRA: deltas by module path ("transformer.transformer_blocks.0.attn.to_q",
+    "text_encoder.encoder.layers.0.self_attn.q_proj"), and what was used or ignored of the file."""
+
+    deltas: Mapping[str, LoraDelta]
+    matched: int  # file keys that went into deltas
+    ignored: Mapping[str, str]  # file key -> why it was not used
+    layout: str = "LoRA"  # the key layout, for the log
+    identity: str = field(default_factory=lambda: f"lora-{uuid.uuid4().hex}")  # same identity = same deltas
+
+    def describe(self) -> str:
+        components = Counter(path.split(".", 1)[0].replace("_", " ") for path in self.deltas)
+        per_component = ", ".join(f"{name} {count}" for name, count in sorted(components.items()))
+        text = f"{self.layout}: changes {len(self.deltas)} modules ({per_component})"
+        text += f" from {self.matched} keys"
+        if self.ignored:
+            reasons = Counter(self.ignored.values())
+            text += f"; ignored {len(self.ignored)} keys (" + "; ".join(
+                f"{count} {reason}" for reason, count in reasons.most_common()
+            ) + f", e.g. {next(iter(self.ignored))!r})"
+        return text
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def _sniff(path: Path, input_name: str) -> None:
+    """Refuse anything that is not a safetensors file before a parser sees it."""
+    with path.open("rb") as file:
+        head = file.read(16)
+    # safetensors: an 8-byte little-endian header size, then the JSON header.
+    header_size = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if head[8:9] == b"{" and 8 + header_size <= path.stat().st_size:
+        return
+    # torch.save writes a zip archive; older versions and .ckpt files a bare pickle (protocol 2+).
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        raise UserError(
+            f"{input_name}: {path.name} is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), which can run code "
+            "when loaded; only .safetensors LoRA files are accepted. Convert it to .safetensors first."
+        )
+    shown = head.decode("utf-8", "replace").strip()[:12]
+    raise UserError(
+        f"{input_name}: {path.name} is not a .safetensors file (it starts with {shown!r}); "
+        "give a LoRA in .safetensors format."
+    )
+
+
+def read_lora(path: str | Path, *, input_name: str) -> dict[str, Tensor]:
+    """All tensors of a .safetensors LoRA file, on the CPU, in their stored dtypes."""
+    path = Path(path)
+    _sniff(path, input_name)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{input_name}: {path.name} is a damaged .safetensors file ({error}).") from error
+
+
+def read_lora_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a .safetensors file (call after read_lora has accepted the file)."""
+    with safe_open(str(path), framework="pt", device="cpu") as file:
+        return dict(file.metadata() or {})
+
+
+def load_lora(
+    path: str | Path, *, input_name: str, transformer: nn.Module, text_encoder: nn.Module | None = None,
+    identity: str | None = None,
+) -> LoraWeights:
+    """read_lora + convert_lora (with the file's metadata)."""
+    state_dict = read_lora(path, input_name=input_name)
+    return convert_lora(
+        state_dict, input_name=input_name, transformer=transformer, text_encoder=text_encoder,
+        metadata=read_lora_metadata(path), identity=identity,
+    )
+
+
+# --- converting ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Module:
+    """The tensors of one LoRA module as found in the file."""
+
+    name: str
+    tensors: dict[str, Tensor] = field(default_factory=dict)  # role -> tensor
+    keys: dict[str, str] = field(default_factory=dict)  # role -> file key
+
+
+def _group_by_module(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, _Module], dict[str, str]]:
+    modules: dict[str, _Module] = {}
+    ignored: dict[str, str] = {}
+    for key, tensor in state_dict.items():
+        parts = layouts.split_key(key)
+        if parts is None:
+            ignored[key] = "not LoRA matrices (e.g. DoRA/LoKr/norm weights)"
+            continue
+        name, role = parts
+        module = modules.setdefault(name, _Module(name))
+        module.tensors[role], module.keys[role] = tensor, key
+    return modules, ignored
+
+
+def _as_matrix(tensor: Tensor) -> Tensor:
+    # Some tools store Linear LoRAs as 1×1 convolutions.
+    if tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
+        return tensor.flatten(1)
+    return tensor
+
+
+class _AlphaFromMetadata:
+    """diffusers' lora_adapter_metadata: {"transformer.lora_alpha": 8, "transformer.alpha_pattern": {...}}."""
+
+    def __init__(self, metadata: Mapping[str, str] | None):
+        config: dict = {}
+        if metadata and _METADATA_KEY in metadata:
+            try:
+                config = json.loads(metadata[_METADATA_KEY])
+            except ValueError:
+                config = {}
+        self._config = config if isinstance(config, dict) else {}
+
+    def alpha(self, module_path: str) -> float | None:
+        component, _, name = module_path.partition(".")
+        patterns = self._config.get(f"{component}.alpha_pattern") or {}
+        for pattern, value in patterns.items():
+            # PEFT matches a pattern against the end of the module name.
+            if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name):
+                return float(value)
+        value = self._config.get(f"{component}.lora_alpha")
+        return float(value) if value is not None else None
+
+
+_BFL_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)[._]")
+_LABELS = (
+    (("lora_unet_", "lycoris_"), "kohya"),
+    (("lora_transformer_",), "kohya (diffusers names)"),
+    (("diffusion_model.", "model.diffusion_model."), "ComfyUI"),
+    (("base_model.model.",), "PEFT"),
+    (("transformer.",), "diffusers/PEFT"),
+)
+
+
+def _layout_label(module_name: str) -> str:
+    """A name for the log of the layout a transformer module name is written in."""
+    if ".processor." in module_name:
+        return "XLabs"
+    bfl_names = " (BFL names)" if _BFL_NAME.search(module_name) else ""
+    for prefixes, label in _LABELS:
+        if module_name.startswith(prefixes):
+            return label if label in ("kohya", "ComfyUI") else label + bfl_names
+    return "BFL" if bfl_names else "diffusers/PEFT (no prefix)"
+
+
+def _check_shapes(module: _Module, target: Target) -> str | None:
+    """Why this file module does not fit its target (None when it fits)."""
+    down = module.tensors[DOWN]
+    rank = down.shape[0] if down.ndim == 2 else None
+    expected = {
+        DOWN: (rank, target.in_features),
+        UP: (target.out_rows, rank),
+        DOWN_BIAS: (rank,),
+        UP_BIAS: (target.out_rows,),
+    }
+    alpha = module.tensors.get(ALPHA)
+    if alpha is not None and alpha.numel() != 1:
+        return f"{module.keys[ALPHA]!r} has {alpha.numel()} values, alpha must be one number"
+    for role, shape in expected.items():
+        if role in module.tensors and tuple(module.tensors[role].shape) != shape:
+            got = "×".join(map(str, module.tensors[role].shape))
+            want = "×".join("rank" if size is None else str(size) for size in shape)
+            return f"{module.keys[role]!r} is {got}, this model needs {want}"
+    return None
+
+
+def _bias_is_supported(target: Target, components: Mapping[str, nn.Module]) -> bool:
+    for piece in target.pieces:
+        root, _, path = piece.path.partition(".")
+        if components[root].get_submodule(path).bias is None:
+            return False
+    return True
+
+
+def _split(tensor: Tensor | None, rows: tuple[slice, ...] | None) -> Tensor | None:
+    if tensor is None or rows is None:
+        return tensor
+    return torch.cat([tensor[row] for row in rows]).contiguous()
+
+
+def convert_lora(
+    state_dict: Mapping[str, Tensor], *, input_name: str, transformer: nn.Module,
+    text_encoder: nn.Module | None = None, metadata: Mapping[str, str] | None = None, identity: str | None = None,
+) -> LoraWeights:
+    """Map a LoRA state dict in any supported layout onto the given FLUX transformer (and CLIP text encoder).
+
+    Raises UserError (naming `input_name`) when the file is for another architecture, when a module it
+    names has other shapes than ours, or when it changes no transformer module. Does not touch the models.
+    `identity` names these deltas for LoraFuser's "nothing changed" check (e.g. the cache key + file hash).
+    """
+    if not state_dict:
+        raise UserError(f"{input_name}: the LoRA file holds no tensors; give a FLUX.1 LoRA .safetensors file.")
+    modules, ignored = _group_by_module(state_dict)
+    for name in modules:
+        foreign = layouts.foreign_architecture(name)
+        if foreign:
+            raise UserError(
+                f"{input_name}: this LoRA was trained for {foreign}, not FLUX.1 (it has modules like {name!r}); "
+                "use a LoRA trained for FLUX.1 [dev] or [schnell]."
+            )
+
+    table = layouts.ModuleTable(transformer, text_encoder)
+    components = {"transformer": transformer, **({"text_encoder": text_encoder} if text_encoder else {})}
+    alpha_from_metadata = _AlphaFromMetadata(metadata)
+    deltas: dict[str, LoraDelta] = {}
+    misfits: list[str] = []
+    seen_layouts: Counter[str] = Counter()
+    matched = 0
+
+    def ignore(module: _Module, reason: str) -> None:
+        ignored.update(dict.fromkeys(module.keys.values(), reason))
+
+    for module in modules.values():
+        if module.name.startswith(layouts.T5_PREFIXES):
+            ignore(module, "for the T5 text encoder (not supported)")
+            continue
+        target = table.resolve(module.name)
+        if target is None:
+            if module.name.startswith(layouts.CLIP_PREFIXES) and not table.has_text_encoder:
+                ignore(module, "for the CLIP text encoder, which is not loaded")
+            else:
+                ignore(module, "for no module of this model")
+            continue
+        if DOWN not in module.tensors or UP not in module.tensors:
+            ignore(module, "without their down/up partner")
+            continue
+        module.tensors = {role: _as_matrix(tensor) for role, tensor in module.tensors.items()}
+        misfit = _check_shapes(module, target)
+        if misfit:
+            misfits.append(misfit)
+            continue
+        has_bias = DOWN_BIAS in module.tensors or UP_BIAS in module.tensors
+        if has_bias and not _bias_is_supported(target, components):
+            for role in (DOWN_BIAS, UP_BIAS):
+                if role in module.keys:
+                    ignored[module.keys.pop(role)] = "a bias for a module without bias"
+                    module.tensors.pop(role)
+        if any(piece.path in deltas for piece in target.pieces):
+            ignore(module, "a second LoRA for the same module")
+            continue
+
+        rank = module.tensors[DOWN].shape[0]
+        file_alpha = float(module.tensors[ALPHA].item()) if ALPHA in module.tensors else None
+        for piece in target.pieces:
+            alpha = file_alpha if file_alpha is not None else alpha_from_metadata.alpha(piece.path)
+            factor = 1.0 if not alpha else alpha / rank
+            deltas[piece.path] = LoraDelta(
+                down=module.tensors[DOWN],
+                up=_split(module.tensors[UP], piece.rows),
+                factor=factor,
+                up_bias=_split(module.tensors.get(UP_BIAS), piece.rows),
+                down_bias=module.tensors.get(DOWN_BIAS),
+            )
+        matched += len(module.keys)
+        if target.pieces[0].path.startswith("transformer."):
+            seen_layouts[_layout_label(module.name)] += 1
+
+    if misfits:
+        raise UserError(
+            f"{input_name}: this LoRA does not fit FLUX.1: {len(misfits)} of its modules have other shapes "
+            f"({misfits[0]}). It was probably trained for another model (SD1.5, SDXL, SD3, FLUX.2...); "
+            "use a LoRA trained for FLUX.1 [dev] or [schnell]."
+        )
+    if not any(path.startswith("transformer.") for path in deltas):
+        examples = ", ".join(repr(key) for key in list(state_dict)[:3])
+        raise UserError(
+            f"{input_name}: no key of this file matches a FLUX.1 transformer module (keys like {examples}); "
+            f"it is not a FLUX.1 LoRA in a supported layout ({_SUPPORTED})."
+        )
+
+    weights = LoraWeights(
+        deltas=deltas, matched=matched, ignored=ignored, layout=seen_layouts.most_common(1)[0][0],
+        **({"identity": identity} if identity else {}),
+    )
+    if ignored:
+        log.warning("%s: partial match: %d keys matched, %d ignored. %s",
+                    input_name, matched, len(ignored), weights.describe())
+    else:
+        log.info("%s: %s", input_name, weights.describe())
+    return weights

@@ -1,0 +1,578 @@
+"""The generic downloader and cache (weights.download, weights.cache) against local HTTP servers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.servers import PICKLE_BYTES, FileServer, Reply, make_safetensors, make_tar
+from weights.cache import FileCache
+from weights.download import (
+    Downloader,
+    DownloadError,
+    DownloadSettings,
+    HTTPStatusError,
+    check_safetensors,
+    extract_single_safetensors,
+    is_public_address,
+    redact_url,
+    sniff_format,
+)
+from weights.errors import UserError
+
+pytest_plugins = ["tests.fixtures.servers"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KIB = 1024
+
+
+def settings(**changes: object) -> DownloadSettings:
+    base: dict[str, object] = {
+        "allow_private": True,
+        "retries": 0,
+        "retry_backoff_s": 0.01,
+        "connections": 4,
+        "probe_bytes": 64 * KIB,
+        "progress_interval_s": 0.05,
+    }
+    return DownloadSettings(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def downloader(tmp_path: Path, *, cache: FileCache | None = None, **changes: object) -> Downloader:
+    return Downloader(cache or FileCache(tmp_path / "cache", max_bytes=0), settings(**changes))
+
+
+def fetch(dl: Downloader, url: str, key: str = "k", **options: object):
+    return dl.fetch(url, key=key, input_name="extra_lora", max_size=options.pop("max_size", 10**8), **options)  # type: ignore[arg-type]
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return hashlib.shake_256(f"{seed}".encode()).digest(size)
+
+
+def entries(cache_root: Path) -> list[Path]:
+    return sorted((cache_root / "entries").iterdir())
+
+
+# ---------------------------------------------------------------- ranges and streams
+
+
+def test_ranged_download_uses_several_connections(file_server: FileServer, tmp_path: Path) -> None:
+    data = payload(1_000_000)
+    url = file_server.add("/lora.bin", data)
+    dl = downloader(tmp_path)
+
+    first = fetch(dl, url)
+    assert first.path.read_bytes() == data and first.size == len(data) and not first.cache_hit
+    gets = file_server.requests_for("/lora.bin")
+    assert len(gets) > 4 and all(r.headers.get("range", "").startswith("bytes=") for r in gets)
+    assert len({r.client_port for r in gets}) > 1  # parallel connections, not one after another
+
+    again = fetch(dl, url)
+    assert again.cache_hit and again.path == first.path
+    assert len(file_server.requests_for("/lora.bin")) == len(gets)  # a hit makes no request
+
+
+def test_server_without_range_support_gets_one_clean_stream(
+    file_server: FileServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = payload(700_000)
+    url = file_server.add("/plain.bin", data, ranges=False)
+    with caplog.at_level(logging.INFO):
+        result = fetch(downloader(tmp_path), url)
+    assert result.path.read_bytes() == data
+    assert len(file_server.requests_for("/plain.bin")) == 1
+    assert "does not support ranges" in caplog.text
+
+
+def test_body_without_content_length_is_read_to_the_end(file_server: FileServer, tmp_path: Path) -> None:
+    data = payload(300_000)
+    url = file_server.add("/chunked.bin", data, ranges=False, content_length=False)
+    assert fetch(downloader(tmp_path), url).path.read_bytes() == data
+
+
+def test_progress_is_logged(file_server: FileServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = file_server.add("/slow.bin", payload(400_000), rate=2_000_000)
+    with caplog.at_level(logging.INFO, logger="weights.download"):
+        fetch(downloader(tmp_path, connections=2), url)
+    assert any("downloading http://127.0.0.1" in m and "% of" in m for m in caplog.messages)
+
+
+# ---------------------------------------------------------------- failures leave nothing behind
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_server_breaking_mid_body_gives_a_clear_error_and_no_entry(
+    file_server: FileServer, tmp_path: Path, ranges: bool
+) -> None:
+    url = file_server.add("/broken.bin", payload(500_000), ranges=ranges, break_after=30_000)  # every response
+    dl = downloader(tmp_path, retries=1)
+    with pytest.raises(DownloadError, match=r"^extra_lora: could not download http://127.0.0.1:\d+/broken.bin: .*closed") as caught:
+        fetch(dl, url)
+    assert "Check the URL and try again" in str(caught.value)
+    assert entries(dl.cache.root) == []
+    assert dl.cache.lookup("k") is None
+    assert len(file_server.requests_for("/broken.bin")) >= 2  # it was tried again
+
+
+def test_resume_after_a_failure_fetches_only_the_missing_chunks(file_server: FileServer, tmp_path: Path) -> None:
+    data = payload(1_000_000)
+    url = file_server.add("/flaky.bin", data)
+    calls = {"n": 0}
+    good = file_server.files["/flaky.bin"]
+
+    def flaky(request: object) -> Reply:
+        calls["n"] += 1
+        if calls["n"] == 4:  # one chunk breaks; the others complete
+            return Reply(good.status, good.headers, good.body, ranges=True, break_after=1000)
+        return good
+
+    file_server._routes.insert(0, (("GET",), __import__("re").compile("/flaky.bin"), flaky))
+    dl = downloader(tmp_path, connections=2)
+    with pytest.raises(DownloadError):
+        fetch(dl, url)
+    sent_before = file_server.bytes_sent["/flaky.bin"]
+
+    result = fetch(dl, url)
+    assert result.path.read_bytes() == data and not result.cache_hit
+    assert file_server.bytes_sent["/flaky.bin"] - sent_before < len(data) // 2  # resumed, not restarted
+
+
+def test_a_stale_partial_download_is_not_reused(file_server: FileServer, tmp_path: Path) -> None:
+    data = payload(400_000)
+    url = file_server.add("/changed.bin", data)
+    dl = downloader(tmp_path)
+    work = dl.cache.root / "partial" / FileCache.key_hash("k")
+    work.mkdir(parents=True)
+    (work / "download.part").write_bytes(b"\xff" * len(data))
+    (work / "resume.json").write_text(json.dumps({"total": len(data), "validator": 'etag:"old"', "first_end": 65536, "chunk_bytes": 65536}))
+    (work / "resume.done").write_text("".join(f"{i}\n" for i in range(7)))
+    assert fetch(dl, url).path.read_bytes() == data
+
+
+def test_size_cap_with_a_known_length_stops_before_the_body(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.add("/big.bin", payload(2_000_000))
+    dl = downloader(tmp_path)
+    with pytest.raises(DownloadError, match=r"larger than the 0.1 MB limit"):
+        fetch(dl, url, max_size=100_000)
+    assert len(file_server.requests_for("/big.bin")) == 1 and entries(dl.cache.root) == []
+
+
+def test_size_cap_without_a_length_stops_mid_stream(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.add("/big.bin", payload(3_000_000), ranges=False, content_length=False)
+    dl = downloader(tmp_path)
+    with pytest.raises(DownloadError, match="larger than the 0.5 MB limit"):
+        fetch(dl, url, max_size=500_000)
+    assert entries(dl.cache.root) == [] and not (dl.cache.root / "partial" / FileCache.key_hash("k")).exists()
+
+
+def test_read_timeout(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.add("/late.bin", payload(10_000), delay=1.5)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"127.0.0.1 sent nothing for 0.3 s"):
+        fetch(downloader(tmp_path, read_timeout_s=0.3), url)
+    assert time.monotonic() - started < 1.4
+
+
+def test_overall_deadline_stops_a_trickling_server(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.add("/trickle.bin", payload(2_000_000), rate=100_000)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"took longer than 1 s \(FLUX_DOWNLOAD_TIMEOUT_S\)"):
+        fetch(downloader(tmp_path, total_timeout_s=0.6), url)
+    assert time.monotonic() - started < 3
+
+
+def test_http_errors_are_not_retried_and_carry_the_status(file_server: FileServer, tmp_path: Path) -> None:
+    dl = downloader(tmp_path, retries=2)
+    with pytest.raises(HTTPStatusError, match=r"answered HTTP 404: no such file") as caught:
+        fetch(dl, file_server.url + "/missing.bin")
+    assert caught.value.status == 404
+    assert len(file_server.requests_for("/missing.bin")) == 1
+
+
+def test_published_sha256_mismatch_is_refused(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.add("/f.bin", payload(100_000))
+    dl = downloader(tmp_path)
+    with pytest.raises(DownloadError, match="does not match its published SHA-256"):
+        fetch(dl, url, expected_sha256="0" * 64)
+    assert entries(dl.cache.root) == [] and list((dl.cache.root / "partial").iterdir()) == []
+    assert fetch(dl, url, expected_sha256=hashlib.sha256(payload(100_000)).hexdigest()).size == 100_000
+
+
+def test_finish_hook_can_refuse_a_file(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.add("/pickle.ckpt.bin", PICKLE_BYTES)
+    dl = downloader(tmp_path)
+
+    def refuse(path: Path) -> Path:
+        raise UserError(f"extra_lora: {sniff_format(path)} refused")
+
+    with pytest.raises(UserError, match="pickle refused"):
+        fetch(dl, url, finish=refuse)
+    assert entries(dl.cache.root) == []
+
+
+# ---------------------------------------------------------------- addresses and credentials
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("224.0.0.1", False),
+    ],
+)
+def test_public_address_rule(address: str, public: bool) -> None:
+    assert is_public_address(address) is public
+
+
+def test_private_addresses_are_refused_unless_allowed(file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = file_server.add("/f.bin", payload(1000))
+    monkeypatch.delenv("FLUX_ALLOW_PRIVATE_URLS")
+    strict = Downloader(FileCache(tmp_path / "cache", max_bytes=0), DownloadSettings.from_env())
+    with pytest.raises(DownloadError, match=r"refusing to download from 127.0.0.1: it is at 127.0.0.1, a private.*FLUX_ALLOW_PRIVATE_URLS=1") as caught:
+        strict.fetch(url, key="k", input_name="extra_lora", max_size=10**6)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert file_server.requests == []  # refused before a byte was sent
+
+    monkeypatch.setenv("FLUX_ALLOW_PRIVATE_URLS", "1")
+    allowed = Downloader(FileCache(tmp_path / "cache", max_bytes=0), DownloadSettings.from_env())
+    assert allowed.fetch(url, key="k", input_name="extra_lora", max_size=10**6).size == 1000
+
+
+def test_private_address_refused_for_host_names_too(tmp_path: Path, file_server: FileServer) -> None:
+    storage = FileServer("localhost")
+    try:
+        url = storage.add("/f.bin", payload(1000))
+        with pytest.raises(DownloadError, match=r"refusing to download from localhost: it is at 127.0.0.1"):
+            fetch(downloader(tmp_path, allow_private=False), url)
+    finally:
+        storage.close()
+
+
+def test_credentials_stay_on_their_host_after_redirects(
+    file_server: FileServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = FileServer("localhost")  # another host name, as a signed storage URL would be
+    try:
+        data = payload(300_000)
+        signed = storage.add("/blob", data) + "?X-Amz-Signature=topsecretsignature"
+        api = file_server.redirect("/api/download/1", signed, status=307)
+        same_host = file_server.add("/same.bin", data)
+        hop = file_server.redirect("/hop", same_host)
+        secret = {"Authorization": "Bearer s3cr3t-token"}
+        dl = downloader(tmp_path)
+        with caplog.at_level(logging.DEBUG):
+            assert fetch(dl, api, key="a", auth_headers=secret).path.read_bytes() == data
+            assert fetch(dl, hop, key="b", auth_headers=secret).path.read_bytes() == data
+
+        assert file_server.requests_for("/api/download/1")[0].headers["authorization"] == "Bearer s3cr3t-token"
+        assert storage.requests and all("authorization" not in r.headers for r in storage.requests)
+        same = file_server.requests_for("/same.bin")
+        assert len(same) > 1 and all(r.headers.get("authorization") == "Bearer s3cr3t-token" for r in same)
+        assert "s3cr3t-token" not in caplog.text and "topsecretsignature" not in caplog.text
+        assert "X-Amz-Signature" not in caplog.text  # urllib3's DEBUG request lines are redacted too
+    finally:
+        storage.close()
+
+
+def test_errors_never_show_tokens_or_signed_queries(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.url + "/missing.bin?token=query-secret"
+    with pytest.raises(DownloadError) as caught:
+        fetch(downloader(tmp_path), url, auth_headers={"Authorization": "Bearer header-secret"})
+    text = str(caught.value)
+    assert "query-secret" not in text and "header-secret" not in text and "missing.bin?..." in text
+
+
+def test_redact_url() -> None:
+    assert redact_url("https://u:p@Example.com:8443/a/b.safetensors?sig=1#frag") == "https://example.com:8443/a/b.safetensors?..."
+    assert redact_url("http://h/x") == "http://h/x"
+
+
+def test_only_http_urls(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="only http"):
+        fetch(downloader(tmp_path), "file:///etc/passwd")
+
+
+# ---------------------------------------------------------------- concurrency and crashes
+
+CHILD = """
+import sys
+from pathlib import Path
+from weights.cache import FileCache
+from weights.download import Downloader, DownloadSettings
+cache = FileCache(Path(sys.argv[1]), max_bytes=0)
+settings = DownloadSettings(allow_private=True, retries=0, connections=int(sys.argv[4]), probe_bytes=65536)
+result = Downloader(cache, settings).fetch(sys.argv[2], key=sys.argv[3], input_name="test", max_size=10**9)
+print("hit" if result.cache_hit else "miss", flush=True)
+"""
+
+
+def child(cache_root: Path, url: str, key: str = "k", connections: int = 4) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(cache_root), url, key, str(connections)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_concurrent_threads_download_once(file_server: FileServer, tmp_path: Path) -> None:
+    data = payload(50_000)
+    url = file_server.add("/once.bin", data, delay=0.4)
+    dl = downloader(tmp_path)
+    results = []
+
+    def worker() -> None:
+        results.append(fetch(dl, url))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(file_server.requests_for("/once.bin")) == 1
+    assert sorted(r.cache_hit for r in results) == [False, True, True, True]
+    assert {r.path for r in results} == {results[0].path} and results[0].path.read_bytes() == data
+
+
+def test_concurrent_processes_download_once(file_server: FileServer, tmp_path: Path) -> None:
+    data = payload(50_000)
+    url = file_server.add("/once.bin", data, delay=1.0)
+    cache_root = tmp_path / "cache"
+    processes = [child(cache_root, url) for _ in range(3)]
+    outputs = [process.communicate(timeout=30) for process in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], outputs
+    assert sorted(out.strip() for out, _ in outputs) == ["hit", "hit", "miss"]
+    assert len(file_server.requests_for("/once.bin")) == 1
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_kill_9_mid_download_leaves_nothing_that_is_used(file_server: FileServer, tmp_path: Path, ranges: bool) -> None:
+    data = payload(2_000_000)
+    url = file_server.add("/big.bin", data, ranges=ranges, rate=500_000)
+    cache_root = tmp_path / "cache"
+    process = child(cache_root, url, connections=2)
+    deadline = time.monotonic() + 20
+    while file_server.bytes_sent.get("/big.bin", 0) < 400_000:
+        assert time.monotonic() < deadline and process.poll() is None, "the download did not start"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    cache = FileCache(cache_root, max_bytes=0)
+    assert entries(cache_root) == [] and cache.lookup("k") is None
+    file_server.files["/big.bin"].rate = None
+    sent_before = file_server.bytes_sent["/big.bin"]
+    result = Downloader(cache, settings()).fetch(url, key="k", input_name="t", max_size=10**8)
+    assert result.path.read_bytes() == data and not result.cache_hit
+    if ranges:  # the finished chunks were kept and reused
+        assert file_server.bytes_sent["/big.bin"] - sent_before < len(data)
+
+
+# ---------------------------------------------------------------- cache: damage and eviction
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_cache_entry_is_fetched_again(
+    file_server: FileServer, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = payload(200_000)
+    url = file_server.add("/f.bin", data)
+    dl = downloader(tmp_path)
+    path = fetch(dl, url).path
+    requests_before = len(file_server.requests_for("/f.bin"))
+    with path.open("r+b") as file:
+        if damage == "truncate":
+            file.truncate(150_000)
+        else:
+            file.seek(100_000)
+            file.write(b"\x00" if data[100_000] else b"\x01")
+    with caplog.at_level(logging.WARNING):
+        again = fetch(dl, url)
+    assert not again.cache_hit and again.path.read_bytes() == data
+    assert len(file_server.requests_for("/f.bin")) > requests_before
+    assert "fetching it again" in caplog.text
+
+
+def test_lru_eviction_under_the_size_cap(file_server: FileServer, tmp_path: Path) -> None:
+    size = 100_000
+    urls = {name: file_server.add(f"/{name}", payload(size, seed=i)) for i, name in enumerate("abc")}
+    cache = FileCache(tmp_path / "cache", max_bytes=int(2.5 * size))
+    dl = downloader(tmp_path, cache=cache)
+    fetch(dl, urls["a"], key="a")
+    time.sleep(0.01)
+    fetch(dl, urls["b"], key="b")
+    time.sleep(0.01)
+    assert fetch(dl, urls["a"], key="a").cache_hit  # a is now the most recently used
+    time.sleep(0.01)
+    fetch(dl, urls["c"], key="c")
+    assert cache.lookup("b") is None
+    assert cache.lookup("a") is not None and cache.lookup("c") is not None
+
+
+def test_free_disk_floor_evicts_and_refuses(file_server: FileServer, tmp_path: Path) -> None:
+    size = 100_000
+    root = tmp_path / "cache"
+    disk_capacity = 400_000  # a pretend disk holding only the cache
+
+    def free_bytes(_root: Path) -> int:
+        used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return disk_capacity - used
+
+    cache = FileCache(root, max_bytes=0, min_free_bytes=150_000, free_bytes=free_bytes)
+    dl = downloader(tmp_path, cache=cache)
+    urls = [file_server.add(f"/{i}", payload(size, seed=i)) for i in range(3)]
+    fetch(dl, urls[0], key="0")
+    fetch(dl, urls[1], key="1")
+    fetch(dl, urls[2], key="2")  # 250 kB would be free before, 150 kB after: "0" goes
+    assert cache.lookup("0") is None and cache.lookup("1") is not None and cache.lookup("2") is not None
+
+    huge = file_server.add("/huge", payload(300_000))
+    with pytest.raises(DownloadError, match="not enough room"):
+        fetch(dl, huge, key="huge")
+
+
+def test_a_file_larger_than_the_whole_cache_is_refused(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.add("/f.bin", payload(300_000))
+    dl = downloader(tmp_path, cache=FileCache(tmp_path / "cache", max_bytes=200_000))
+    with pytest.raises(DownloadError, match="more than the whole cache may hold"):
+        fetch(dl, url)
+
+
+def test_cache_persists_across_instances(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.add("/f.bin", payload(10_000))
+    fetch(downloader(tmp_path), url)
+    assert fetch(downloader(tmp_path), url).cache_hit
+
+
+def test_configuration_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FLUX_DOWNLOAD_CONNECTIONS", "6")
+    monkeypatch.setenv("FLUX_DOWNLOAD_READ_TIMEOUT_S", "7.5")
+    monkeypatch.setenv("MY_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("MY_CACHE_MAX_GB", "0.5")
+    monkeypatch.setenv("FLUX_CACHE_MIN_FREE_GB", "1")
+    loaded = DownloadSettings.from_env()
+    assert (loaded.connections, loaded.read_timeout_s) == (6, 7.5)
+    cache = FileCache.from_env(dir_var="MY_CACHE_DIR", max_gb_var="MY_CACHE_MAX_GB", default_dir="/nope", default_max_gb=1)
+    assert (cache.root, cache.max_bytes, cache.min_free_bytes) == (tmp_path / "c", 500_000_000, 1_000_000_000)
+    monkeypatch.setenv("FLUX_DOWNLOAD_CONNECTIONS", "many")
+    with pytest.raises(ValueError, match="FLUX_DOWNLOAD_CONNECTIONS must be a number"):
+        DownloadSettings.from_env()
+
+
+def test_get_json(file_server: FileServer, tmp_path: Path) -> None:
+    file_server.route("/api/x", lambda _r: Reply(200, {"Content-Type": "application/json"}, b'{"ok": [1, 2]}'))
+    dl = downloader(tmp_path)
+    assert dl.get_json(file_server.url + "/api/x", input_name="extra_lora") == {"ok": [1, 2]}
+    with pytest.raises(HTTPStatusError) as caught:
+        dl.get_json(file_server.url + "/api/none", input_name="extra_lora")
+    assert caught.value.status == 404
+
+
+# ---------------------------------------------------------------- file checks
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+def tar_file(tmp_path: Path, content: bytes) -> Path:
+    path = tmp_path / "weights.tar"
+    path.write_bytes(content)
+    return path
+
+
+def test_tar_with_exactly_one_safetensors_is_extracted(tmp_path: Path) -> None:
+    lora = make_safetensors()
+    tar = make_tar({"output/flux_train_replicate/lora.safetensors": lora, "output/config.yaml": b"rank: 16"})
+    dest = extract_single_safetensors(tar_file(tmp_path, tar), tmp_path / "out.safetensors", input_name="replicate_weights", max_bytes=10**6)
+    assert dest.read_bytes() == lora
+
+
+@pytest.mark.parametrize(
+    ("files", "extra", "message"),
+    [
+        ({"../evil.safetensors": b"x"}, [], "unsafe entry name '../evil.safetensors'"),
+        ({"a/../../evil.safetensors": b"x"}, [], "unsafe entry name"),
+        ({"/etc/evil.safetensors": b"x"}, [], "unsafe entry name '/etc/evil.safetensors'"),
+        ({"lora.safetensors": b"x"}, [special("link.safetensors", tarfile.SYMTYPE, "/etc/passwd")], "link"),
+        ({"lora.safetensors": b"x"}, [special("hard", tarfile.LNKTYPE, "lora.safetensors")], "link"),
+        ({"lora.safetensors": b"x"}, [special("dev", tarfile.CHRTYPE)], "special entry"),
+        ({"lora.safetensors": b"x"}, [special("pipe", tarfile.FIFOTYPE)], "special entry"),
+        ({"a.safetensors": b"x", "b/b.safetensors": b"y"}, [], r"holds 2 .safetensors files \(a.safetensors, b/b.safetensors\)"),
+        ({"model.ckpt": b"x", "README": b"y"}, [], r"holds no .safetensors file \(found model.ckpt: pickle"),
+    ],
+)
+def test_bad_tars_are_refused(tmp_path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo], message: str) -> None:
+    path = tar_file(tmp_path, make_tar(files, extra))
+    with pytest.raises(UserError, match=message) as caught:
+        extract_single_safetensors(path, tmp_path / "out.safetensors", input_name="replicate_weights", max_bytes=10**6)
+    assert str(caught.value).startswith("replicate_weights: ")
+    assert not (tmp_path / "evil.safetensors").exists() and not (tmp_path.parent / "evil.safetensors").exists()
+
+
+def test_truncated_and_compressed_tars_are_refused(tmp_path: Path) -> None:
+    tar = make_tar({"lora.safetensors": make_safetensors()})
+    with pytest.raises(UserError, match="truncated|damaged"):
+        extract_single_safetensors(tar_file(tmp_path, tar[:1200]), tmp_path / "o", input_name="x", max_bytes=10**6)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        info = tarfile.TarInfo("lora.safetensors")
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(UserError, match="not a valid uncompressed .tar"):
+        extract_single_safetensors(tar_file(tmp_path, buffer.getvalue()), tmp_path / "o", input_name="x", max_bytes=10**6)
+
+
+def test_tar_member_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    path = tar_file(tmp_path, make_tar({"lora.safetensors": b"x" * 5000}))
+    with pytest.raises(UserError, match="larger than"):
+        extract_single_safetensors(path, tmp_path / "o", input_name="x", max_bytes=1000)
+
+
+def test_safetensors_sniff_and_check(tmp_path: Path) -> None:
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(make_safetensors())
+    assert sniff_format(good) == "safetensors" and check_safetensors(good, input_name="x") == 2
+    truncated = tmp_path / "short.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-10])
+    with pytest.raises(UserError, match="incomplete or damaged"):
+        check_safetensors(truncated, input_name="x")
+    pickle = tmp_path / "p"
+    pickle.write_bytes(PICKLE_BYTES)
+    zipped = tmp_path / "z"
+    zipped.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    tar = tmp_path / "t"
+    tar.write_bytes(make_tar({"a": b"b"}))
+    assert (sniff_format(pickle), sniff_format(zipped), sniff_format(tar)) == ("pickle", "zip", "tar")
+    with pytest.raises(UserError, match="not a .safetensors file"):
+        check_safetensors(pickle, input_name="x")

@@ -1,0 +1,321 @@
+"""An on-disk cache of downloaded files, keyed by a normalised source string.
+
+Layout under the root (h = sha256 of the key, so keys with tokens or signed queries never reach the disk):
+
+    entries/<h>/<file>      the cached file (`data.safetensors`, ...)
+    entries/<h>/meta.json   size, sha256 and a log-safe description; its mtime is the last use (LRU)
+    partial/<h>/            the work directory of an unfinished download (resumable); never served
+    locks/<h>.lock          flock per key: one producer per key across threads and processes
+    locks/evict.lock        one eviction pass at a time
+
+A finished work directory becomes an entry by one `rename`, so a process killed at any moment leaves either
+nothing or a complete entry. A hit is checked (size, and sha256 unless `verify_hits=False`) before it is
+served; a truncated or corrupt entry is removed and produced again.
+
+Eviction (least recently used first, unfinished downloads before entries) keeps the cache under `max_bytes`
+and the disk above `min_free_bytes`. It skips keys whose lock another producer holds.
+
+Limitation: a path returned by `get_or_create` can still be evicted by another process before the caller
+opens it, if that process needs the room. Size the cap so that this needs more concurrent new files than fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+GB = 10**9
+MB = 10**6
+_SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class CacheSpaceError(OSError):
+    """The cache cannot make room for a file (size cap or free-disk floor)."""
+
+
+def env_number(name: str, default: float) -> float:
+    """A float from the environment; a clear message instead of a traceback for typos."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as file:
+        while count := file.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def disk_free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive flock; yields whether it was taken. Works between threads too: each call opens the
+    file again, and flock locks belong to the open file description. The kernel drops it if we die."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            acquired = True
+        except BlockingIOError:
+            acquired = False
+        yield acquired
+    finally:
+        os.close(fd)
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One evictable thing on disk: a finished entry or an unfinished download."""
+
+    key_hash: str
+    path: Path
+    size: int
+    last_used: float
+    finished: bool
+
+
+class Work:
+    """The work directory of one key, handed to a producer while the key's lock is held.
+
+    The directory survives a failed attempt when the producer asks (`keep_partial` on the exception), so a
+    later attempt can resume; otherwise it is removed."""
+
+    def __init__(self, cache: FileCache, key_hash: str, directory: Path) -> None:
+        self._cache = cache
+        self.key_hash = key_hash
+        self.dir = directory
+
+    def reserve(self, nbytes: int) -> None:
+        """Make room for a file of `nbytes` before writing it (evicts other entries if needed)."""
+        self._cache.make_room(nbytes, keep=self.key_hash)
+
+
+class FileCache:
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        max_bytes: int,
+        min_free_bytes: int = 0,
+        verify_hits: bool = True,
+        free_bytes: Callable[[Path], int] = disk_free_bytes,
+    ) -> None:
+        """`max_bytes` <= 0 means no size cap. `free_bytes` reports the free disk space under the root."""
+        self.root = Path(root).expanduser()
+        self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
+        self.verify_hits = verify_hits
+        self._free_bytes = free_bytes
+        for sub in ("entries", "partial", "locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_env(
+        cls, *, dir_var: str, max_gb_var: str, default_dir: str, default_max_gb: float, verify_hits: bool = True
+    ) -> FileCache:
+        """A cache configured by environment variables; the free-disk floor is FLUX_CACHE_MIN_FREE_GB (2)."""
+        return cls(
+            os.environ.get(dir_var) or default_dir,
+            max_bytes=int(env_number(max_gb_var, default_max_gb) * GB),
+            min_free_bytes=int(env_number("FLUX_CACHE_MIN_FREE_GB", 2) * GB),
+            verify_hits=verify_hits,
+        )
+
+    @staticmethod
+    def key_hash(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def lookup(self, key: str) -> Path | None:
+        """The path of a valid entry for `key`, or None. Marks it as used."""
+        key_hash = self.key_hash(key)
+        with file_lock(self._lock_path(key_hash)):
+            return self._valid_entry(key_hash)
+
+    def get_or_create(self, key: str, create: Callable[[Work], Path], *, description: str) -> tuple[Path, bool]:
+        """(path, was_hit). On a miss, `create(work)` writes one file inside `work.dir` and returns its path;
+        it becomes the entry. Concurrent callers for one key wait for the first one and then share its entry."""
+        key_hash = self.key_hash(key)
+        with self._key_lock(key_hash, description):
+            hit = self._valid_entry(key_hash)
+            if hit is not None:
+                return hit, True
+            work_dir = self.root / "partial" / key_hash
+            work_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                produced = create(Work(self, key_hash, work_dir))
+                return self._commit(key_hash, produced, description), False
+            except BaseException as exc:
+                if not getattr(exc, "keep_partial", False):
+                    _remove(work_dir)
+                raise
+
+    def make_room(self, nbytes: int, *, keep: str | None = None, on_disk: bool = False) -> None:
+        """Evict until a new file of `nbytes` fits under the cap and above the free-disk floor.
+        `on_disk`: the file is already written, so it no longer takes free space."""
+        if 0 < self.max_bytes < nbytes:
+            raise CacheSpaceError(
+                errno.ENOSPC,
+                f"the file is {nbytes / MB:.1f} MB, more than the whole cache may hold ({self.max_bytes / MB:.1f} MB)",
+            )
+        with file_lock(self.root / "locks" / "evict.lock"):
+            stored = [item for item in self._scan() if item.key_hash != keep]
+            used = sum(item.size for item in stored)
+            # Unfinished downloads go first (least valuable), then entries by last use.
+            stored.sort(key=lambda item: (item.finished, item.last_used))
+            for item in stored:
+                if self._fits(used, nbytes, on_disk):
+                    return
+                if self._evict(item):
+                    used -= item.size
+            if not self._fits(used, nbytes, on_disk):
+                free = self._free_bytes(self.root)
+                raise CacheSpaceError(
+                    errno.ENOSPC,
+                    f"not enough room for {nbytes / MB:.1f} MB in the cache at {self.root} "
+                    f"({free / MB:.1f} MB free on disk, floor {self.min_free_bytes / MB:.1f} MB, "
+                    f"cap {self.max_bytes / MB:.1f} MB with {used / MB:.1f} MB in use by files being used)",
+                )
+
+    def _fits(self, used: int, nbytes: int, on_disk: bool) -> bool:
+        under_cap = self.max_bytes <= 0 or used + nbytes <= self.max_bytes
+        if on_disk:  # already written: the floor was checked when it was reserved
+            return under_cap
+        return under_cap and self._free_bytes(self.root) - nbytes >= self.min_free_bytes
+
+    def _evict(self, item: _Stored) -> bool:
+        with file_lock(self._lock_path(item.key_hash), blocking=False) as acquired:
+            if not acquired:
+                return False  # someone is producing or reading it right now
+            what = self._description(item.path) if item.finished else "an unfinished download"
+            _remove(item.path)
+        log.info("cache: evicted %s (%.1f MB)", what, item.size / MB)
+        return True
+
+    def _scan(self) -> list[_Stored]:
+        found: list[_Stored] = []
+        for finished, sub in ((True, "entries"), (False, "partial")):
+            for path in (self.root / sub).iterdir():
+                try:
+                    stamp = (path / "meta.json") if finished else path
+                    last_used = stamp.stat().st_mtime
+                except FileNotFoundError:
+                    last_used = 0.0
+                found.append(_Stored(path.name, path, _tree_bytes(path), last_used, finished))
+        return found
+
+    def _commit(self, key_hash: str, produced: Path, description: str) -> Path:
+        work_dir = self.root / "partial" / key_hash
+        if produced.parent != work_dir or not produced.is_file():
+            raise RuntimeError(f"producer must return a file inside {work_dir}, got {produced}")
+        size = produced.stat().st_size
+        self.make_room(size, keep=key_hash, on_disk=True)
+        suffix = produced.suffix if _SAFE_FILE_NAME.match("data" + produced.suffix) else ""
+        file_name = "data" + suffix
+        for other in work_dir.iterdir():
+            if other != produced:
+                _remove(other)
+        produced.rename(work_dir / file_name)
+        meta = {
+            "version": 1,
+            "file": file_name,
+            "size": size,
+            "sha256": sha256_file(work_dir / file_name),
+            "source": description,
+            "created": time.time(),
+        }
+        (work_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+        entry = self.root / "entries" / key_hash
+        _remove(entry)  # an invalid old entry; we hold the key's lock
+        os.rename(work_dir, entry)  # the one atomic step that publishes the entry
+        return entry / file_name
+
+    def _valid_entry(self, key_hash: str) -> Path | None:
+        entry = self.root / "entries" / key_hash
+        meta_path = entry / "meta.json"
+        if not meta_path.exists():
+            if entry.exists():
+                _remove(entry)
+            return None
+        problem = None
+        try:
+            meta = json.loads(meta_path.read_text())
+            file_name = meta["file"]
+            if not _SAFE_FILE_NAME.match(file_name):
+                raise ValueError("bad file name")
+            data = entry / file_name
+            if not data.is_file() or data.stat().st_size != meta["size"]:
+                problem = "truncated or missing"
+            elif self.verify_hits and sha256_file(data) != meta["sha256"]:
+                problem = "corrupt (sha256 mismatch)"
+        except (OSError, ValueError, KeyError, TypeError):
+            problem = "unreadable metadata"
+        if problem is not None:
+            log.warning("cache: entry for %s is %s; fetching it again", self._description(entry), problem)
+            _remove(entry)
+            return None
+        os.utime(meta_path)  # the LRU clock
+        return data
+
+    @staticmethod
+    def _description(entry: Path) -> str:
+        try:
+            return str(json.loads((entry / "meta.json").read_text())["source"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return entry.name[:12]
+
+    def _lock_path(self, key_hash: str) -> Path:
+        return self.root / "locks" / f"{key_hash}.lock"
+
+    @contextlib.contextmanager
+    def _key_lock(self, key_hash: str, description: str) -> Iterator[None]:
+        path = self._lock_path(key_hash)
+        with file_lock(path, blocking=False) as acquired:
+            if acquired:
+                yield
+                return
+        log.info("cache: waiting for another download of %s", description)
+        with file_lock(path):
+            yield
