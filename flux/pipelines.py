@@ -2,6 +2,8 @@
 
 dev and schnell differ only in transformer and scheduler; text encoders, tokenizers and VAE are loaded once from
 the dev folder and shared. img2img and inpaint pipelines are views built with from_pipe, so no weights are copied.
+The schnell transformer loads in a background thread, so setup is ready after dev; the first schnell request
+waits for it if it is not there yet.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -48,22 +51,35 @@ class FluxPipelines:
 
     def __init__(self, dev_dir: Path, schnell_dir: Path, device: torch.device, dtype: torch.dtype):
         started = time.perf_counter()
-        dev = FluxPipeline.from_pretrained(dev_dir, dtype=dtype)
-        schnell_components = dict(dev.components)
-        schnell_components["transformer"] = FluxTransformer2DModel.from_pretrained(
-            schnell_dir, subfolder="transformer", dtype=dtype
-        )
-        schnell_components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(schnell_dir, subfolder="scheduler")
-        schnell = FluxPipeline(**schnell_components)
         self.device, self.dtype = device, dtype
-        self._txt2img = {"dev": dev.to(device), "schnell": schnell.to(device)}
-        for pipe in self._txt2img.values():
-            pipe.set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
+        dev = FluxPipeline.from_pretrained(dev_dir, dtype=dtype).to(device)
+        dev.set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
+        self._txt2img = {"dev": dev}
         self._views: dict[tuple[str, str], FluxPipeline] = {}
-        log.info("Loaded FLUX dev + schnell (%s, %s) in %.2fs", device.type, str(dtype).removeprefix("torch."), time.perf_counter() - started)
+        self._schnell = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-schnell").submit(
+            self._load_schnell, dev, schnell_dir
+        )
+        log.info("Loaded FLUX dev (%s, %s) in %.2fs", device.type, str(dtype).removeprefix("torch."), time.perf_counter() - started)
+
+    def _load_schnell(self, dev: FluxPipeline, schnell_dir: Path) -> FluxPipeline:
+        started = time.perf_counter()
+        components = dict(dev.components)
+        components["transformer"] = FluxTransformer2DModel.from_pretrained(
+            schnell_dir, subfolder="transformer", dtype=self.dtype
+        ).to(self.device)
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(schnell_dir, subfolder="scheduler")
+        schnell = FluxPipeline(**components)
+        schnell.set_progress_bar_config(disable=True)
+        log.info("Loaded FLUX schnell in %.2fs (in the background)", time.perf_counter() - started)
+        return schnell
+
+    def _base(self, model: str) -> FluxPipeline:
+        if model == "schnell" and model not in self._txt2img:
+            self._txt2img["schnell"] = self._schnell.result()  # re-raises a failed background load
+        return self._txt2img[model]
 
     def transformer(self, model: str) -> FluxTransformer2DModel:
-        return self._txt2img[model].transformer
+        return self._base(model).transformer
 
     @property
     def text_encoder(self) -> torch.nn.Module:
@@ -74,7 +90,7 @@ class FluxPipelines:
         return self._txt2img["dev"].vae_scale_factor
 
     def get(self, model: str, mode: str) -> FluxPipeline:
-        base = self._txt2img[model]
+        base = self._base(model)
         if mode == "txt2img":
             return base
         key = (model, mode)
