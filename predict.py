@@ -14,14 +14,16 @@ from flux.request import build_request
 
 
 class Predictor(BasePredictor):
-    def setup(self) -> None:
+    def setup(self, weights: Optional[str] = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         # imported here so that reading the schema (script/schema) does not load torch
         from flux.generate import FluxGenerator
+        from flux.loras import default_main_lora
         from flux.pipelines import pick_device
         from weights.config import resolve_weight_paths
 
-        self.generator = FluxGenerator(resolve_weight_paths(cuda_available=pick_device().type == "cuda"))
+        paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
+        self.generator = FluxGenerator(paths, default_lora=default_main_lora(weights))
 
     def predict(
         self,

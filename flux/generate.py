@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from flux.loras import LoraState, safe_display
 from flux.output import save_images
 from flux.pipelines import MAX_SEQUENCE_LENGTH, FluxPipelines, pick_device, pick_dtype
 from flux.request import GenerationRequest
 from safety.checker import SafetyChecker
 from weights.config import WeightPaths
-from weights.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def phase(name: str):
 class FluxGenerator:
     """Holds the loaded models; `run` turns a validated request into image files."""
 
-    def __init__(self, weights: WeightPaths):
+    def __init__(self, weights: WeightPaths, default_lora: str | None = None):
         if weights.tiny:
             log.warning(
                 "Using the TINY random test weights (no GPU or no real weights configured): images are noise. "
@@ -43,13 +43,18 @@ class FluxGenerator:
         self.weights = weights
         self.pipelines = FluxPipelines(weights.dev, weights.schnell, self.device, self.dtype)
         self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)
+        self.loras = LoraState(self.pipelines, default_lora)
+        if default_lora:
+            log.info("Default main LoRA (used when replicate_weights is empty): %s", safe_display(default_lora))
+            self.loras.preload_default()
+        self.pipelines.start_background_loads()
         self._last_out_dir: Path | None = None
 
     def run(self, request: GenerationRequest) -> list[Path]:
         log.info("Using seed: %d", request.seed)
         log.info("Mode: %s, model: %s, %dx%d, %d step(s)", request.mode, request.model, request.width, request.height, request.num_inference_steps)
-        if request.loras:
-            raise UserError(f"{request.loras[0].input_name}: LoRAs are not supported yet; leave it empty.")
+        with phase("LoRA"):
+            self.loras.prepare(request)
         if request.go_fast:
             log.info("go_fast: fp8 is not available in this build yet; running in bf16.")
         with phase("Denoising"):

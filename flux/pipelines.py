@@ -2,8 +2,8 @@
 
 dev and schnell differ only in transformer and scheduler; text encoders, tokenizers and VAE are loaded once from
 the dev folder and shared. img2img and inpaint pipelines are views built with from_pipe, so no weights are copied.
-The schnell transformer loads in a background thread, so setup is ready after dev; the first schnell request
-waits for it if it is not there yet.
+The schnell transformer loads in a background thread once the rest of setup is done (model loading patches
+torch globally, so two loads must never overlap); the first schnell request waits for it if needed.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,18 +56,24 @@ class FluxPipelines:
         dev.set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
         self._txt2img = {"dev": dev}
         self._views: dict[tuple[str, str], FluxPipeline] = {}
-        self._schnell = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-schnell").submit(
-            self._load_schnell, dev, schnell_dir
-        )
+        self._schnell_dir = schnell_dir
+        self._schnell: Future[FluxPipeline] | None = None
         log.info("Loaded FLUX dev (%s, %s) in %.2fs", device.type, str(dtype).removeprefix("torch."), time.perf_counter() - started)
 
-    def _load_schnell(self, dev: FluxPipeline, schnell_dir: Path) -> FluxPipeline:
+    def start_background_loads(self) -> None:
+        """Call when no other model is being loaded any more (the end of setup)."""
+        if self._schnell is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-schnell")
+            self._schnell = pool.submit(self._load_schnell)
+            pool.shutdown(wait=False)
+
+    def _load_schnell(self) -> FluxPipeline:
         started = time.perf_counter()
-        components = dict(dev.components)
+        components = dict(self._txt2img["dev"].components)
         components["transformer"] = FluxTransformer2DModel.from_pretrained(
-            schnell_dir, subfolder="transformer", dtype=self.dtype
+            self._schnell_dir, subfolder="transformer", dtype=self.dtype
         ).to(self.device)
-        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(schnell_dir, subfolder="scheduler")
+        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(self._schnell_dir, subfolder="scheduler")
         schnell = FluxPipeline(**components)
         schnell.set_progress_bar_config(disable=True)
         log.info("Loaded FLUX schnell in %.2fs (in the background)", time.perf_counter() - started)
@@ -75,6 +81,7 @@ class FluxPipelines:
 
     def _base(self, model: str) -> FluxPipeline:
         if model == "schnell" and model not in self._txt2img:
+            self.start_background_loads()
             self._txt2img["schnell"] = self._schnell.result()  # re-raises a failed background load
         return self._txt2img[model]
 

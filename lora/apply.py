@@ -17,6 +17,7 @@ Extension point for fp8 (torchao-quantized weights, not implemented here): overr
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,9 +68,13 @@ class LoraFuser:
     def changed_modules(self) -> frozenset[str]:
         return frozenset(self._backups)
 
-    def apply(self, loras: Sequence[tuple[LoraWeights, float]]) -> bool:
-        """Fuse exactly these LoRAs at these scales. Returns False when they were already fused (no write)."""
-        loras = [(weights, float(scale)) for weights, scale in loras if float(scale) != 0.0]
+    def apply(self, loras: Sequence[tuple[LoraWeights | None, float]]) -> bool:
+        """Fuse exactly these LoRAs at these scales (None entries and scale 0 are skipped).
+
+        Returns False when exactly these were already fused, in which case nothing is written."""
+        loras = [(weights, float(scale)) for weights, scale in loras if weights is not None and float(scale) != 0.0]
+        if not all(math.isfinite(scale) for _, scale in loras):
+            raise ValueError(f"LoRA scales must be finite numbers, got {[scale for _, scale in loras]}")
         wanted = tuple((weights.identity, scale) for weights, scale in loras)
         if wanted == self._active:
             return False
@@ -78,7 +83,8 @@ class LoraFuser:
             plan = self._plan(loras)
             self._active = ()  # weights are in between states until the loop ends
             for path in [path for path in self._backups if path not in plan]:
-                self.restore(self._module(path), self._backups.pop(path))
+                self.restore(self._module(path), self._backups[path])
+                del self._backups[path]  # only once restored, so a failure can still restore it
             for path, terms in plan.items():
                 module = self._module(path)
                 if path not in self._backups:

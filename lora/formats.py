@@ -168,7 +168,7 @@ def _group_by_module(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, _Modul
     for key, tensor in state_dict.items():
         parts = layouts.split_key(key)
         if parts is None:
-            ignored[key] = "not LoRA matrices (e.g. DoRA/LoKr/norm weights)"
+            ignored[key] = layouts.unsupported_kind(key)
             continue
         name, role = parts
         module = modules.setdefault(name, _Module(name))
@@ -200,8 +200,11 @@ class _AlphaFromMetadata:
         patterns = self._config.get(f"{component}.alpha_pattern") or {}
         for pattern, value in patterns.items():
             # PEFT matches a pattern against the end of the module name.
-            if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name):
-                return float(value)
+            try:
+                if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", name):
+                    return float(value)
+            except re.error:
+                continue
         value = self._config.get(f"{component}.lora_alpha")
         return float(value) if value is not None else None
 
@@ -260,6 +263,23 @@ def _split(tensor: Tensor | None, rows: tuple[slice, ...] | None) -> Tensor | No
     if tensor is None or rows is None:
         return tensor
     return torch.cat([tensor[row] for row in rows]).contiguous()
+
+
+def _module_deltas(module: _Module, target: Target, alpha_from_metadata: _AlphaFromMetadata) -> dict[str, LoraDelta]:
+    """One file module's deltas per real Linear; a fused module's up matrix (and up bias) is split by rows."""
+    rank = module.tensors[DOWN].shape[0]
+    file_alpha = float(module.tensors[ALPHA].item()) if ALPHA in module.tensors else None
+    deltas = {}
+    for piece in target.pieces:
+        alpha = file_alpha if file_alpha is not None else alpha_from_metadata.alpha(piece.path)
+        deltas[piece.path] = LoraDelta(
+            down=module.tensors[DOWN],
+            up=_split(module.tensors[UP], piece.rows),
+            factor=1.0 if not alpha else alpha / rank,
+            up_bias=_split(module.tensors.get(UP_BIAS), piece.rows),
+            down_bias=module.tensors.get(DOWN_BIAS),
+        )
+    return deltas
 
 
 def convert_lora(
@@ -323,18 +343,7 @@ def convert_lora(
             ignore(module, "a second LoRA for the same module")
             continue
 
-        rank = module.tensors[DOWN].shape[0]
-        file_alpha = float(module.tensors[ALPHA].item()) if ALPHA in module.tensors else None
-        for piece in target.pieces:
-            alpha = file_alpha if file_alpha is not None else alpha_from_metadata.alpha(piece.path)
-            factor = 1.0 if not alpha else alpha / rank
-            deltas[piece.path] = LoraDelta(
-                down=module.tensors[DOWN],
-                up=_split(module.tensors[UP], piece.rows),
-                factor=factor,
-                up_bias=_split(module.tensors.get(UP_BIAS), piece.rows),
-                down_bias=module.tensors.get(DOWN_BIAS),
-            )
+        deltas.update(_module_deltas(module, target, alpha_from_metadata))
         matched += len(module.keys)
         if target.pieces[0].path.startswith("transformer."):
             seen_layouts[_layout_label(module.name)] += 1
@@ -347,9 +356,11 @@ def convert_lora(
         )
     if not any(path.startswith("transformer.") for path in deltas):
         examples = ", ".join(repr(key) for key in list(state_dict)[:3])
+        reasons = "; ".join(sorted({reason for reason in ignored.values() if "not supported" in reason}))
         raise UserError(
-            f"{input_name}: no key of this file matches a FLUX.1 transformer module (keys like {examples}); "
-            f"it is not a FLUX.1 LoRA in a supported layout ({_SUPPORTED})."
+            f"{input_name}: no key of this file matches a FLUX.1 transformer module (keys like {examples}"
+            + (f"; {reasons}" if reasons else "")
+            + f"); it is not a FLUX.1 LoRA in a supported layout ({_SUPPORTED})."
         )
 
     weights = LoraWeights(

@@ -40,6 +40,21 @@ _ROLE_PATTERNS: tuple[tuple[re.Pattern[str], Mapping[str, str]], ...] = (
 )
 
 
+_UNSUPPORTED_KINDS = (
+    (re.compile(r"\.(lokr_|hada_)"), "LyCORIS LoKr/LoHa tensors (not supported)"),
+    (re.compile(r"\.dora_scale$|lora_magnitude_vector"), "DoRA magnitudes (not supported; the rest loads as LoRA)"),
+    (re.compile(r"\.diff(_b)?$"), "full weight differences (not supported)"),
+)
+
+
+def unsupported_kind(key: str) -> str:
+    """Why a key that split_key rejects is not used."""
+    for pattern, reason in _UNSUPPORTED_KINDS:
+        if pattern.search(key):
+            return reason
+    return "not LoRA matrices (e.g. norm weights)"
+
+
 def split_key(key: str) -> tuple[str, str] | None:
     """(module name as written, role) for a LoRA tensor key; None for anything else (DoRA, LoKr, norms...)."""
     for pattern, roles in _ROLE_PATTERNS:
@@ -70,8 +85,8 @@ TRANSFORMER_PREFIXES = (
     "transformer.", "model.diffusion_model.", "diffusion_model.", "base_model.model.", "unet.",
     "lora_unet_", "lora_transformer_", "lycoris_", "",
 )
-CLIP_PREFIXES = ("text_encoder.", "text_encoders.clip_l.transformer.", "lora_te1_", "lora_te_", "te1.")
-T5_PREFIXES = ("text_encoder_2.", "text_encoders.t5xxl.transformer.", "lora_te2_", "te2.")
+CLIP_PREFIXES = ("text_encoder.", "text_encoders.clip_l.transformer.", "lora_te1_", "lora_te_")
+T5_PREFIXES = ("text_encoder_2.", "text_encoders.t5xxl.transformer.", "lora_te2_")
 # Where a name with an unknown prefix may start; kept to block-level words so a stray "proj_out" elsewhere
 # cannot be mistaken for ours.
 _ROOT_WORDS = ("transformer_blocks", "single_transformer_blocks", "double_blocks", "single_blocks", "text_model")

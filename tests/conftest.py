@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from tests.fixtures.cog_server import start_cog_server, stop_cog_server
 ROOT = Path(__file__).resolve().parent.parent
 TINY_ROOT = Path(os.environ.setdefault("FLUX_TINY_WEIGHTS_DIR", str(ROOT / ".cache" / "tiny-weights")))
 os.environ["FLUX_WEIGHTS"] = "tiny"  # never real weights in tests, even on a GPU box
+# downloaded LoRAs go to a throw-away cache; the local protocol servers live on loopback
+os.environ["FLUX_LORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="flux-lora-cache-")
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +36,6 @@ def predictor(tiny_weights):
 
 @pytest.fixture(scope="session")
 def cog_server(tiny_weights, tmp_path_factory):
-    server = start_cog_server(tmp_path_factory.mktemp("coglet"))
+    server = start_cog_server(tmp_path_factory.mktemp("coglet"), {"FLUX_ALLOW_PRIVATE_URLS": "1"})
     yield server
     stop_cog_server(server)

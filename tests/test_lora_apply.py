@@ -112,6 +112,17 @@ def test_scale_zero_is_bit_identical_to_no_lora(models, main_and_extra):
     assert_fused(models, originals, [(extra_spec, 0.7)])
 
 
+def test_missing_lora_entries_are_skipped_and_scales_must_be_finite(models, main_and_extra):
+    (main_spec, main), _ = main_and_extra
+    originals = snapshot(models)
+    fuser = LoraFuser(components(models))
+    fuser.apply([(None, 1.0), (main, 1)])
+    assert fuser.active == (("main", 1.0),)
+    with pytest.raises(ValueError, match="finite"):
+        fuser.apply([(main, float("nan"))])
+    assert_fused(models, originals, [(main_spec, 1.0)])  # refused before any write
+
+
 def test_reset_restores_originals_bit_exactly(models, main_and_extra):
     (_, main), (_, extra) = main_and_extra
     originals = snapshot(models)

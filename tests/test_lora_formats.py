@@ -220,6 +220,69 @@ def test_unknown_prefix_before_block_names(models):
     assert list(weights.deltas) == ["transformer.transformer_blocks.0.attn.to_out.0"]
 
 
+# Key spellings seen in the wild -> (role, module paths it changes, in order).
+REAL_WORLD_KEYS = {
+    "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": ("down", ["transformer_blocks.0.attn.to_q"]),
+    "transformer.transformer_blocks.0.attn.to_q.lora_A.default.weight": ("down", ["transformer_blocks.0.attn.to_q"]),
+    "transformer.transformer_blocks.0.attn.to_q.lora.down.weight": ("down", ["transformer_blocks.0.attn.to_q"]),
+    "transformer_blocks.0.ff.net.2.lora_linear_layer.up.weight": ("up", ["transformer_blocks.0.ff.net.2"]),
+    "transformer.proj_out.lora_B.bias": ("up_bias", ["proj_out"]),
+    "lora_unet_transformer_blocks_1_attn_to_add_out.lora_up.weight": ("up", ["transformer_blocks.1.attn.to_add_out"]),
+    "lora_unet_time_in_in_layer.alpha": ("alpha", ["time_text_embed.timestep_embedder.linear_1"]),
+    "lora_unet_guidance_in_out_layer.lora_down.weight": ("down", ["time_text_embed.guidance_embedder.linear_2"]),
+    "lora_unet_vector_in_in_layer.lora_down.weight": ("down", ["time_text_embed.text_embedder.linear_1"]),
+    "lora_transformer_single_transformer_blocks_1_attn_to_k.lora_down.weight": (
+        "down", ["single_transformer_blocks.1.attn.to_k"]),
+    "transformer.double_blocks.0.img_attn.qkv.lora_B.weight": (
+        "up", ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"]),
+    "model.diffusion_model.single_blocks.1.linear2.lora_down.weight": ("down", ["single_transformer_blocks.1.proj_out"]),
+    "lycoris_single_blocks_1_modulation_lin.lora_down.weight": ("down", ["single_transformer_blocks.1.norm.linear"]),
+    "base_model.model.txt_in.lora_A.weight": ("down", ["context_embedder"]),
+    "diffusion_model.img_in.lora_up.weight": ("up", ["x_embedder"]),
+    "single_blocks.0.processor.qkv_lora.up.weight": (
+        "up", [f"single_transformer_blocks.0.attn.to_{x}" for x in "qkv"]),
+    "single_blocks.0.linear1.lora_B.weight": (
+        "up", [f"single_transformer_blocks.0.attn.to_{x}" for x in "qkv"] + ["single_transformer_blocks.0.proj_mlp"]),
+    "transformer.transformer_blocks.1.attn.to_added_qkv.lora_A.weight": (
+        "down", [f"transformer_blocks.1.attn.add_{x}_proj" for x in "qkv"]),
+    "text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc2.lora_up.weight": (
+        "up", ["text_encoder:encoder.layers.1.mlp.fc2"]),
+    "text_encoder.text_model.encoder.layers.1.self_attn.out_proj.lora_A.weight": (
+        "down", ["text_encoder:encoder.layers.1.self_attn.out_proj"]),
+    "lora_te_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight": (
+        "down", ["text_encoder:encoder.layers.0.self_attn.k_proj"]),
+}
+
+
+@pytest.mark.parametrize("key", sorted(REAL_WORLD_KEYS))
+def test_real_world_key_spellings(key, pristine):
+    from lora.layouts import ModuleTable, split_key
+
+    role, members = REAL_WORLD_KEYS[key]
+    expected = [m.replace("text_encoder:", "text_encoder.") if m.startswith("text_encoder:") else f"transformer.{m}"
+                for m in members]
+    module_name, found_role = split_key(key)
+    target = ModuleTable(*pristine).resolve(module_name)
+    assert found_role == role
+    assert [piece.path for piece in target.pieces] == expected
+
+
+@pytest.mark.parametrize("key", ["lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "x.hada_w1_a",
+                                 "diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale",
+                                 "lora_unet_single_blocks_0_linear1.diff_b", "transformer.x_embedder.weight"])
+def test_non_lora_tensors_are_not_taken_for_lora(key):
+    from lora.layouts import split_key
+
+    assert split_key(key) is None
+
+
+def test_lokr_file_is_refused_with_its_kind_named(models):
+    tensors = {"lycoris_double_blocks_0_img_attn_qkv.lokr_w1": torch.zeros(4, 4),
+               "lycoris_double_blocks_0_img_attn_qkv.lokr_w2": torch.zeros(24, 8)}
+    with pytest.raises(UserError, match=r"^extra_lora: .*LyCORIS LoKr/LoHa tensors \(not supported\)"):
+        convert_lora(tensors, input_name="extra_lora", transformer=models[0])
+
+
 # --- refused files --------------------------------------------------------------------------------------
 
 WRONG_FILES = {

@@ -32,6 +32,8 @@ The cache itself is configured in `weights.cache` (directory, size cap, FLUX_CAC
 from __future__ import annotations
 
 import contextlib
+import errno
+import http.client
 import ipaddress
 import json
 import logging
@@ -134,10 +136,18 @@ class DownloadSettings:
             allow_private=env_flag("FLUX_ALLOW_PRIVATE_URLS"),
         )
 
-    def chunk_bytes(self, remaining: int) -> int:
-        # About four chunks per connection: a slow connection then delays the end by a quarter share at most.
-        wanted = math.ceil(remaining / (self.connections * 4)) if remaining > 0 else self.probe_bytes
-        return max(self.probe_bytes, min(self.max_chunk_bytes, wanted))
+    def plan_chunks(self, total: int, first_end: int) -> list[tuple[int, int]]:
+        """[start, end) ranges: the probe's, then shrinking chunks (each a 1/(2·connections) share of what is
+        left, between probe_bytes and max_chunk_bytes). Big chunks first keep requests few; small ones last
+        let the connections finish together instead of waiting on one big tail."""
+        chunks = [(0, first_end)]
+        start = first_end
+        while start < total:
+            share = math.ceil((total - start) / (2 * self.connections))
+            end = min(total, start + max(self.probe_bytes, min(self.max_chunk_bytes, share)))
+            chunks.append((start, end))
+            start = end
+        return chunks
 
 
 @dataclass(frozen=True)
@@ -442,12 +452,7 @@ class Downloader:
         work.reserve(total)
         validator = _validator(first.headers)
         state = _ResumeState.open(
-            work.dir,
-            dest,
-            total=total,
-            validator=validator,
-            first_end=first_last + 1,
-            chunk_bytes=self.settings.chunk_bytes(total - first_last - 1),
+            work.dir, dest, total=total, validator=validator, chunks=self.settings.plan_chunks(total, first_last + 1)
         )
         pending = [index for index in range(len(state.chunks)) if index not in state.done]
         already = total - sum(state.chunks[i][1] - state.chunks[i][0] for i in pending)
@@ -583,12 +588,16 @@ class Downloader:
             exc, urllib3.exceptions.ReadTimeoutError
         ):
             return _Transient(f"{host} sent nothing for {self.settings.read_timeout_s:g} s")
-        if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC while writing
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             return job.fail("the disk is full; free space or lower the cache size cap")
+        if isinstance(exc, requests.exceptions.ChunkedEncodingError) or _find_in_chain(
+            exc, (urllib3.exceptions.ProtocolError, http.client.IncompleteRead)
+        ):
+            return _Transient(f"the connection to {host} closed before the end of the file")
         return _Transient(f"the connection to {host} failed")
 
 
-def _find_in_chain(exc: BaseException | None, kind: type) -> Any:
+def _find_in_chain(exc: BaseException | None, kind: type | tuple[type, ...]) -> Any:
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, kind):
@@ -641,44 +650,43 @@ class _ResumeState:
     _PLAN = "resume.json"
     _DONE = "resume.done"
 
-    def __init__(self, work_dir: Path, plan: dict[str, Any], done: set[int], persistent: bool) -> None:
+    def __init__(self, work_dir: Path, chunks: list[tuple[int, int]], done: set[int], persistent: bool) -> None:
         self._done_path = work_dir / self._DONE
         self._persistent = persistent
         self._lock = threading.Lock()
+        self.chunks = chunks
         self.done = done
-        total, first_end, chunk = plan["total"], plan["first_end"], plan["chunk_bytes"]
-        self.chunks = [(0, first_end)] + [(s, min(s + chunk, total)) for s in range(first_end, total, chunk)]
 
     @classmethod
     def open(
-        cls, work_dir: Path, dest: Path, *, total: int, validator: str | None, first_end: int, chunk_bytes: int
+        cls, work_dir: Path, dest: Path, *, total: int, validator: str | None, chunks: list[tuple[int, int]]
     ) -> _ResumeState:
+        """The saved state when it is for the same file (size, validator, first range), else a fresh one.
+        A resumed download keeps its saved chunk plan, whatever the settings are now."""
         plan_path = work_dir / cls._PLAN
         saved = _read_json(plan_path)
+        saved_chunks = _valid_plan(saved.get("chunks"), total) if isinstance(saved, dict) else None
         same_file = (
             validator is not None
-            and isinstance(saved, dict)
+            and saved_chunks is not None
             and saved.get("total") == total
             and saved.get("validator") == validator
-            and saved.get("first_end") == first_end
-            and isinstance(saved.get("chunk_bytes"), int)
-            and saved["chunk_bytes"] > 0
+            and saved_chunks[0] == chunks[0]
             and dest.is_file()
             and dest.stat().st_size == total
         )
         if same_file:
-            state = cls(work_dir, saved, set(), persistent=True)
+            state = cls(work_dir, saved_chunks, set(), persistent=True)  # type: ignore[arg-type]
             state.done = state._read_done()
             if state.done:
                 log.info("resuming a download: %d of %d chunks already here", len(state.done), len(state.chunks))
             return state
         cls.clear(work_dir)
-        plan = {"total": total, "validator": validator, "first_end": first_end, "chunk_bytes": chunk_bytes}
         with dest.open("wb") as part:
             part.truncate(total)  # sparse; chunks land at their offsets
         if validator is not None:
-            plan_path.write_text(json.dumps(plan))
-        return cls(work_dir, plan, set(), persistent=validator is not None)
+            plan_path.write_text(json.dumps({"total": total, "validator": validator, "chunks": chunks}))
+        return cls(work_dir, chunks, set(), persistent=validator is not None)
 
     @classmethod
     def exists(cls, work_dir: Path) -> bool:
@@ -707,6 +715,21 @@ class _ResumeState:
 
     def finish(self) -> None:
         self.clear(self._done_path.parent)
+
+
+def _valid_plan(value: Any, total: int) -> list[tuple[int, int]] | None:
+    """The saved chunk list if it tiles [0, total) exactly; a damaged plan is not trusted."""
+    if not isinstance(value, list) or not value:
+        return None
+    chunks, position = [], 0
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and item[0] == position and isinstance(item[1], int)):
+            return None
+        if item[1] <= position:
+            return None
+        chunks.append((position, item[1]))
+        position = item[1]
+    return chunks if position == total else None
 
 
 def _read_json(path: Path) -> Any:

@@ -1,0 +1,103 @@
+"""Per-request LoRA state: fetch and convert the requested LoRAs, then fuse exactly those into the model.
+
+Every request states its whole LoRA set, and the fuser makes the weights equal to the originals plus exactly
+that set (nothing when it is empty), so nothing leaks between requests. The same set at the same scales as the
+last request costs nothing. Converted LoRAs stay in a small in-memory LRU, so alternating LoRAs does not re-read
+files. The main LoRA falls back to the deployment's default (see `default_main_lora`) when a request has none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+
+import torch
+
+from flux.pipelines import FluxPipelines
+from flux.request import GenerationRequest, LoraSpec
+from lora.apply import LoraFuser
+from lora.fetch import fetch_lora
+from lora.formats import LoraWeights, load_lora
+from lora.sources import parse_source
+
+log = logging.getLogger(__name__)
+
+MAIN_INPUT = "replicate_weights"
+
+
+def default_main_lora(setup_weights: str | None) -> str | None:
+    """The deployment's main LoRA: cog's setup(weights) / COG_WEIGHTS wins over FLUX_DEFAULT_LORA."""
+    for candidate in (setup_weights, os.environ.get("FLUX_DEFAULT_LORA")):
+        if candidate and str(candidate).strip():
+            return str(candidate).strip()
+    return None
+
+
+def safe_display(source: str) -> str:
+    """A source as it may appear in logs: no query string (signed URLs, tokens), no data: payload."""
+    return parse_source(source, input_name=MAIN_INPUT).display
+
+
+class LoraState:
+    def __init__(self, pipelines: FluxPipelines, default_main: str | None = None, memory_slots: int | None = None):
+        self._pipelines = pipelines
+        self.default_main = default_main
+        self._memory_slots = memory_slots or int(os.environ.get("FLUX_LORA_MEMORY_SLOTS", "4"))
+        self._converted: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
+        self._fusers: dict[str, LoraFuser] = {}
+        # On a GPU the originals are kept in host memory: a full-coverage FLUX LoRA touches ~24 GB of weights.
+        backup = os.environ.get("FLUX_LORA_BACKUP_DEVICE") or ("cpu" if pipelines.device.type == "cuda" else None)
+        self._backup_device = backup
+
+    def requested(self, request: GenerationRequest) -> list[LoraSpec]:
+        specs = list(request.loras)
+        if self.default_main and not any(spec.input_name == MAIN_INPUT for spec in specs):
+            specs.insert(0, LoraSpec(self.default_main, request.main_lora_scale, MAIN_INPUT))
+        return specs
+
+    def prepare(self, request: GenerationRequest) -> None:
+        """Make the model for request.model carry exactly the request's LoRAs (and the other model none)."""
+        specs = self.requested(request)
+        loaded = [(self._load(spec, request.model), spec.scale) for spec in specs]  # all errors before any write
+        for model, fuser in self._fusers.items():
+            if model != request.model:
+                fuser.reset()  # the text encoder is shared between dev and schnell
+        changed = self._fuser(request.model).apply(loaded)
+        for spec in specs:
+            log.info("%s: fused at scale %g%s", spec.input_name, spec.scale, "" if changed else " (already in place)")
+
+    def preload_default(self) -> None:
+        """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it."""
+        if self.default_main:
+            self._load(LoraSpec(self.default_main, 1.0, MAIN_INPUT), "dev")
+
+    def _load(self, spec: LoraSpec, model: str) -> LoraWeights:
+        path = fetch_lora(spec.source, input_name=spec.input_name)
+        stat = path.stat()
+        identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = (identity, model)
+        if key in self._converted:
+            self._converted.move_to_end(key)
+            return self._converted[key]
+        weights = load_lora(
+            path,
+            input_name=spec.input_name,
+            transformer=self._pipelines.transformer(model),
+            text_encoder=self._pipelines.text_encoder,
+            identity=identity,
+        )
+        log.info("%s: %s", spec.input_name, weights.describe())
+        self._converted[key] = weights
+        while len(self._converted) > self._memory_slots:
+            self._converted.popitem(last=False)
+        return weights
+
+    def _fuser(self, model: str) -> LoraFuser:
+        if model not in self._fusers:
+            components: dict[str, torch.nn.Module] = {
+                "transformer": self._pipelines.transformer(model),
+                "text_encoder": self._pipelines.text_encoder,
+            }
+            self._fusers[model] = LoraFuser(components, backup_device=self._backup_device)
+        return self._fusers[model]
