@@ -188,8 +188,7 @@ class _Fetcher:
                 ) from None
             if exc.status == 403:
                 raise self._error(
-                    f"{where} is gated or your token cannot read it; accept its conditions on its page and set "
-                    "HF_TOKEN"
+                    f"{where} is gated or your token cannot read it; accept its conditions on its page and set HF_TOKEN"
                 ) from None
             if exc.status == 404:
                 raise self._error(
@@ -207,9 +206,7 @@ class _Fetcher:
                 f"{where} is gated; accept its conditions on its page and set HF_TOKEN to a token of that account"
             ) from None
         except RepositoryNotFoundError:
-            raise self._error(
-                f"{where} was not found; check the name, and for a private repo set HF_TOKEN"
-            ) from None
+            raise self._error(f"{where} was not found; check the name, and for a private repo set HF_TOKEN") from None
         except RevisionNotFoundError:
             raise self._error(f"{where} has no revision {revision!r}") from None
         except HfHubHTTPError as exc:
@@ -256,7 +253,9 @@ class _Fetcher:
 
     def _civitai_newest_version(self, base: str, auth: dict[str, str], model_id: str) -> tuple[str, str | None]:
         try:
-            info = self.downloader.get_json(f"{base}/api/v1/models/{model_id}", input_name=self.input_name, auth_headers=auth)
+            info = self.downloader.get_json(
+                f"{base}/api/v1/models/{model_id}", input_name=self.input_name, auth_headers=auth
+            )
         except HTTPStatusError as exc:
             if exc.status == 404:
                 raise self._error(
@@ -272,8 +271,7 @@ class _Fetcher:
         safetensors = [f for f in files if (f.get("metadata") or {}).get("format") == "SafeTensor"]
         if files and not safetensors:
             raise self._error(
-                f"CivitAI model {model_id} (version {newest['id']}) has no SafeTensor file; pickle formats are "
-                "refused"
+                f"CivitAI model {model_id} (version {newest['id']}) has no SafeTensor file; pickle formats are refused"
             )
         sha256 = ((safetensors[0].get("hashes") or {}).get("SHA256") if safetensors else None) or None
         return str(newest["id"]), sha256.lower() if isinstance(sha256, str) else None
@@ -287,14 +285,14 @@ class _Fetcher:
             upload.write_bytes(source.data)
             return self._as_safetensors(upload)
 
-        return self.downloader.store(
-            source.cache_key, produce, input_name=self.input_name, description=source.display
-        )
+        return self.downloader.store(source.cache_key, produce, input_name=self.input_name, description=source.display)
 
     def _local(self, source: LocalPathSource) -> FetchResult:
         started = time.monotonic()
         path = Path(os.path.expanduser(source.path)).resolve()
-        allowed = [Path(d).expanduser().resolve() for d in os.environ.get("FLUX_LORA_LOCAL_DIRS", "").split(os.pathsep) if d]
+        allowed = [
+            Path(d).expanduser().resolve() for d in os.environ.get("FLUX_LORA_LOCAL_DIRS", "").split(os.pathsep) if d
+        ]
         if allowed and not any(path.is_relative_to(folder) for folder in allowed):
             raise self._error(f"local LoRA paths must be inside FLUX_LORA_LOCAL_DIRS; {source.path} is not")
         if not path.is_file():

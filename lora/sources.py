@@ -250,7 +250,11 @@ def _parse_replicate_url(segments: list[str], value: str, input_name: str) -> Re
     if len(segments) == 4 and segments[2] == "versions":
         version = segments[3]
     match = _REPLICATE_REF.match(ref)
-    if not match or len(segments) not in (2, 4) or (len(segments) == 4 and not re.match(rf"^{_VERSION}$", version or "")):
+    if (
+        not match
+        or len(segments) not in (2, 4)
+        or (len(segments) == 4 and not re.match(rf"^{_VERSION}$", version or ""))
+    ):
         raise UserError(
             f"{input_name}: {_short(value)!r} is not a Replicate model; use owner/model or owner/model/<version>"
         )

@@ -119,7 +119,9 @@ def test_server_breaking_mid_body_gives_a_clear_error_and_no_entry(
 ) -> None:
     url = file_server.add("/broken.bin", payload(500_000), ranges=ranges, break_after=30_000)  # every response
     dl = downloader(tmp_path, retries=1)
-    with pytest.raises(DownloadError, match=r"^extra_lora: could not download http://127.0.0.1:\d+/broken.bin: .*closed") as caught:
+    with pytest.raises(
+        DownloadError, match=r"^extra_lora: could not download http://127.0.0.1:\d+/broken.bin: .*closed"
+    ) as caught:
         fetch(dl, url)
     assert "Check the URL and try again" in str(caught.value)
     assert entries(dl.cache.root) == []
@@ -250,11 +252,16 @@ def test_public_address_rule(address: str, public: bool) -> None:
     assert is_public_address(address) is public
 
 
-def test_private_addresses_are_refused_unless_allowed(file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_private_addresses_are_refused_unless_allowed(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = file_server.add("/f.bin", payload(1000))
     monkeypatch.delenv("FLUX_ALLOW_PRIVATE_URLS")
     strict = Downloader(FileCache(tmp_path / "cache", max_bytes=0), DownloadSettings.from_env())
-    with pytest.raises(DownloadError, match=r"refusing to download from 127.0.0.1: it is at 127.0.0.1, a private.*FLUX_ALLOW_PRIVATE_URLS=1") as caught:
+    with pytest.raises(
+        DownloadError,
+        match=r"refusing to download from 127.0.0.1: it is at 127.0.0.1, a private.*FLUX_ALLOW_PRIVATE_URLS=1",
+    ) as caught:
         strict.fetch(url, key="k", input_name="extra_lora", max_size=10**6)
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
     assert file_server.requests == []  # refused before a byte was sent
@@ -309,7 +316,10 @@ def test_errors_never_show_tokens_or_signed_queries(file_server: FileServer, tmp
 
 
 def test_redact_url() -> None:
-    assert redact_url("https://u:p@Example.com:8443/a/b.safetensors?sig=1#frag") == "https://example.com:8443/a/b.safetensors?..."
+    assert (
+        redact_url("https://u:p@Example.com:8443/a/b.safetensors?sig=1#frag")
+        == "https://example.com:8443/a/b.safetensors?..."
+    )
     assert redact_url("http://h/x") == "http://h/x"
 
 
@@ -481,7 +491,9 @@ def test_configuration_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("FLUX_CACHE_MIN_FREE_GB", "1")
     loaded = DownloadSettings.from_env()
     assert (loaded.connections, loaded.read_timeout_s) == (6, 7.5)
-    cache = FileCache.from_env(dir_var="MY_CACHE_DIR", max_gb_var="MY_CACHE_MAX_GB", default_dir="/nope", default_max_gb=1)
+    cache = FileCache.from_env(
+        dir_var="MY_CACHE_DIR", max_gb_var="MY_CACHE_MAX_GB", default_dir="/nope", default_max_gb=1
+    )
     assert (cache.root, cache.max_bytes, cache.min_free_bytes) == (tmp_path / "c", 500_000_000, 1_000_000_000)
     monkeypatch.setenv("FLUX_DOWNLOAD_CONNECTIONS", "many")
     with pytest.raises(ValueError, match="FLUX_DOWNLOAD_CONNECTIONS must be a number"):
@@ -516,7 +528,9 @@ def tar_file(tmp_path: Path, content: bytes) -> Path:
 def test_tar_with_exactly_one_safetensors_is_extracted(tmp_path: Path) -> None:
     lora = make_safetensors()
     tar = make_tar({"output/flux_train_replicate/lora.safetensors": lora, "output/config.yaml": b"rank: 16"})
-    dest = extract_single_safetensors(tar_file(tmp_path, tar), tmp_path / "out.safetensors", input_name="replicate_weights", max_bytes=10**6)
+    dest = extract_single_safetensors(
+        tar_file(tmp_path, tar), tmp_path / "out.safetensors", input_name="replicate_weights", max_bytes=10**6
+    )
     assert dest.read_bytes() == lora
 
 
@@ -530,11 +544,17 @@ def test_tar_with_exactly_one_safetensors_is_extracted(tmp_path: Path) -> None:
         ({"lora.safetensors": b"x"}, [special("hard", tarfile.LNKTYPE, "lora.safetensors")], "link"),
         ({"lora.safetensors": b"x"}, [special("dev", tarfile.CHRTYPE)], "special entry"),
         ({"lora.safetensors": b"x"}, [special("pipe", tarfile.FIFOTYPE)], "special entry"),
-        ({"a.safetensors": b"x", "b/b.safetensors": b"y"}, [], r"holds 2 .safetensors files \(a.safetensors, b/b.safetensors\)"),
+        (
+            {"a.safetensors": b"x", "b/b.safetensors": b"y"},
+            [],
+            r"holds 2 .safetensors files \(a.safetensors, b/b.safetensors\)",
+        ),
         ({"model.ckpt": b"x", "README": b"y"}, [], r"holds no .safetensors file \(found model.ckpt: pickle"),
     ],
 )
-def test_bad_tars_are_refused(tmp_path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo], message: str) -> None:
+def test_bad_tars_are_refused(
+    tmp_path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo], message: str
+) -> None:
     path = tar_file(tmp_path, make_tar(files, extra))
     with pytest.raises(UserError, match=message) as caught:
         extract_single_safetensors(path, tmp_path / "out.safetensors", input_name="replicate_weights", max_bytes=10**6)
@@ -552,7 +572,9 @@ def test_truncated_and_compressed_tars_are_refused(tmp_path: Path) -> None:
         info.size = 3
         archive.addfile(info, io.BytesIO(b"abc"))
     with pytest.raises(UserError, match="not a valid uncompressed .tar"):
-        extract_single_safetensors(tar_file(tmp_path, buffer.getvalue()), tmp_path / "o", input_name="x", max_bytes=10**6)
+        extract_single_safetensors(
+            tar_file(tmp_path, buffer.getvalue()), tmp_path / "o", input_name="x", max_bytes=10**6
+        )
 
 
 def test_tar_member_over_the_size_limit_is_refused(tmp_path: Path) -> None:

@@ -68,16 +68,16 @@ def test_hub_fixture_speaks_the_protocol_huggingface_hub_expects(hub_server: Hub
     assert api.model_info("alice/style").sha == commit
 
 
-def test_hf_repo_with_one_safetensors(
-    hub_server: HubServer, lora_env: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_hf_repo_with_one_safetensors(hub_server: HubServer, lora_env: Path, caplog: pytest.LogCaptureFixture) -> None:
     hub_server.add_repo("alice/style", {"style.safetensors": LORA_A, "README.md": b"# style", "samples/a.png": b"png"})
     with caplog.at_level(logging.INFO, logger="lora.fetch"):
         path = fetch("huggingface.co/alice/style")
         assert path.read_bytes() == LORA_A and path.suffix == ".safetensors"
         assert fetch("https://www.huggingface.co/alice/style/") == path
     first, second = fetch_lines(caplog)
-    assert first.startswith("extra_lora: LoRA huggingface.co/alice/style, 2.3 kB, ") and first.endswith(" s, downloaded")
+    assert first.startswith("extra_lora: LoRA huggingface.co/alice/style, 2.3 kB, ") and first.endswith(
+        " s, downloaded"
+    )
     assert second.endswith("cache hit")
     assert len(hub_server.requests_for("/api/models/alice/style/tree/main")) == 1  # the hit asked nothing
 
@@ -100,14 +100,22 @@ def test_hf_repo_with_several_files_and_no_rule_match_lists_them(hub_server: Hub
     with pytest.raises(UserError) as caught:
         fetch("huggingface.co/alice/style")
     message = str(caught.value)
-    assert message.startswith("extra_lora: huggingface.co/alice/style holds 2 .safetensors files (v1.safetensors, v2.safetensors)")
+    assert message.startswith(
+        "extra_lora: huggingface.co/alice/style holds 2 .safetensors files (v1.safetensors, v2.safetensors)"
+    )
     assert "huggingface.co/alice/style/v1.safetensors" in message
 
 
 def test_pick_rule_unit() -> None:
     assert pick_hf_file(["README.md", "x.safetensors"], repo_id="a/b", input_name="e") == "x.safetensors"
-    assert pick_hf_file(["lora.safetensors", "pytorch_lora_weights.safetensors"], repo_id="a/b", input_name="e") == "lora.safetensors"
-    assert pick_hf_file(["pytorch_lora_weights.safetensors", "z.safetensors"], repo_id="a/b", input_name="e") == "pytorch_lora_weights.safetensors"
+    assert (
+        pick_hf_file(["lora.safetensors", "pytorch_lora_weights.safetensors"], repo_id="a/b", input_name="e")
+        == "lora.safetensors"
+    )
+    assert (
+        pick_hf_file(["pytorch_lora_weights.safetensors", "z.safetensors"], repo_id="a/b", input_name="e")
+        == "pytorch_lora_weights.safetensors"
+    )
     with pytest.raises(UserError, match="none is named lora.safetensors or pytorch_lora_weights.safetensors"):
         pick_hf_file(["sub/lora.safetensors", "y.safetensors"], repo_id="a/b", input_name="e")
     with pytest.raises(UserError, match=r"holds no .safetensors file \(it has model.bin: pickle"):
@@ -121,7 +129,10 @@ def test_hf_named_files_and_revisions(hub_server: HubServer) -> None:
     commit = hub_server.add_repo("alice/style", {"v1.safetensors": LORA_A, "deep/dir/v2.safetensors": LORA_B})
     assert fetch("huggingface.co/alice/style/v1.safetensors").read_bytes() == LORA_A
     assert fetch("https://huggingface.co/alice/style/blob/main/deep/dir/v2.safetensors").read_bytes() == LORA_B
-    assert fetch(f"https://huggingface.co/alice/style/resolve/{commit}/v1.safetensors?download=true").read_bytes() == LORA_A
+    assert (
+        fetch(f"https://huggingface.co/alice/style/resolve/{commit}/v1.safetensors?download=true").read_bytes()
+        == LORA_A
+    )
     assert hub_server.requests_for("/api/") == []  # a named file needs no listing
 
 
@@ -200,7 +211,9 @@ def test_civitai_errors_say_what_to_do(civitai_server: CivitaiServer, monkeypatc
     with pytest.raises(UserError, match="early access") as caught:
         fetch("civitai.com/models/10")
     assert "a-wrong-token" not in str(caught.value)
-    with pytest.raises(UserError, match=r"CivitAI returned 404 for version 10\. A version id differs from the model id"):
+    with pytest.raises(
+        UserError, match=r"CivitAI returned 404 for version 10\. A version id differs from the model id"
+    ):
         fetch("civitai.com/api/download/models/10")
     with pytest.raises(UserError, match=r"CivitAI has no model 99\. If 99 is a version id"):
         fetch("civitai.com/models/99")
@@ -219,7 +232,9 @@ def test_pickle_behind_a_safetensors_request_is_refused(civitai_server: CivitaiS
 
 
 def test_replicate_versions(replicate_server: ReplicateServer) -> None:
-    replicate_server.add_weights("bob", "flux-me", V1, make_tar({"output/flux_train_replicate/lora.safetensors": LORA_A}))
+    replicate_server.add_weights(
+        "bob", "flux-me", V1, make_tar({"output/flux_train_replicate/lora.safetensors": LORA_A})
+    )
     replicate_server.add_weights("bob", "flux-me", V2, make_tar({"lora.safetensors": LORA_B, "config.yaml": b"a: 1"}))
     path = fetch("bob/flux-me", input_name="replicate_weights")
     assert path.read_bytes() == LORA_B  # no version: the newest
@@ -235,12 +250,16 @@ def test_replicate_private_model_token_stays_on_replicate(
     replicate_server: ReplicateServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     replicate_server.add_weights("bob", "private", V1, make_tar({"lora.safetensors": LORA_A}), private=True)
-    with pytest.raises(UserError, match=r"^replicate_weights: Replicate has no model bob/private, or it has no trained weights"):
+    with pytest.raises(
+        UserError, match=r"^replicate_weights: Replicate has no model bob/private, or it has no trained weights"
+    ):
         fetch("bob/private", input_name="replicate_weights")
     monkeypatch.setenv("REPLICATE_API_TOKEN", ReplicateServer.token)
     assert fetch("bob/private").read_bytes() == LORA_A
     assert replicate_server.requests[-1].headers["authorization"] == f"Bearer {ReplicateServer.token}"
-    assert replicate_server.delivery.requests and all("authorization" not in r.headers for r in replicate_server.delivery.requests)
+    assert replicate_server.delivery.requests and all(
+        "authorization" not in r.headers for r in replicate_server.delivery.requests
+    )
 
 
 def test_replicate_tar_must_hold_exactly_one_safetensors(replicate_server: ReplicateServer, lora_env: Path) -> None:
@@ -301,7 +320,9 @@ def test_data_uris(lora_env: Path) -> None:
         fetch("data:;base64," + base64.b64encode(PICKLE_BYTES).decode())
 
 
-def test_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lora_env: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_local_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lora_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     loras = tmp_path / "loras"
     loras.mkdir()
     (loras / "style.safetensors").write_bytes(LORA_A)

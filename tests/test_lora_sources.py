@@ -36,7 +36,10 @@ def parse(text: str):
         ("replicate.com/alice/flux-style", ReplicateSource("alice", "flux-style")),
         ("https://www.replicate.com/alice/flux-style/", ReplicateSource("alice", "flux-style")),
         (f"https://replicate.com/alice/flux-style/versions/{VERSION}", ReplicateSource("alice", "flux-style", VERSION)),
-        (f"https://replicate.com/alice/flux-style/versions/{VERSION}/_weights", ReplicateSource("alice", "flux-style", VERSION)),
+        (
+            f"https://replicate.com/alice/flux-style/versions/{VERSION}/_weights",
+            ReplicateSource("alice", "flux-style", VERSION),
+        ),
     ],
 )
 def test_replicate_forms(text: str, expected: ReplicateSource) -> None:
@@ -88,7 +91,10 @@ def test_huggingface_spellings_share_a_cache_key() -> None:
         ("https://civitai.com/models/12345?modelVersionId=67890", CivitAISource("12345", "67890")),
         ("https://civitai.com/models/12345/slug?modelVersionId=67890&x=1", CivitAISource("12345", "67890")),
         ("civitai.com/api/download/models/67890", CivitAISource(version_id="67890")),
-        ("http://civitai.com/api/download/models/67890?type=Model&format=SafeTensor", CivitAISource(version_id="67890")),
+        (
+            "http://civitai.com/api/download/models/67890?type=Model&format=SafeTensor",
+            CivitAISource(version_id="67890"),
+        ),
     ],
 )
 def test_civitai_forms(text: str, expected: CivitAISource) -> None:
@@ -96,7 +102,9 @@ def test_civitai_forms(text: str, expected: CivitAISource) -> None:
 
 
 def test_civitai_version_is_the_cache_key_when_known() -> None:
-    by_version = {parse(t).cache_key for t in ("civitai.com/models/1?modelVersionId=2", "civitai.com/api/download/models/2")}
+    by_version = {
+        parse(t).cache_key for t in ("civitai.com/models/1?modelVersionId=2", "civitai.com/api/download/models/2")
+    }
     assert by_version == {"civitai:version:2"}
     assert parse("civitai.com/models/1/slug").cache_key == "civitai:model:1"
 
@@ -107,7 +115,10 @@ def test_civitai_version_is_the_cache_key_when_known() -> None:
         ("https://example.com/loras/style.safetensors", "https://example.com/loras/style.safetensors"),
         ("https://EXAMPLE.com:443/a.safetensors?sig=abc&exp=1", "https://example.com/a.safetensors?sig=abc&exp=1"),
         ("http://example.com:80/a.safetensors", "http://example.com/a.safetensors"),
-        ("https://replicate.delivery/xezq/abc/trained_model.tar", "https://replicate.delivery/xezq/abc/trained_model.tar"),
+        (
+            "https://replicate.delivery/xezq/abc/trained_model.tar",
+            "https://replicate.delivery/xezq/abc/trained_model.tar",
+        ),
         ("https://example.com/download?id=5", "https://example.com/download?id=5"),
     ],
 )

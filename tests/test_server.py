@@ -13,6 +13,8 @@ import pytest
 import requests
 from PIL import Image
 
+pytest_plugins = ["tests.fixtures.servers"]
+
 FAST = {"num_inference_steps": 2, "megapixels": "0.25", "seed": 1}
 
 
@@ -171,3 +173,24 @@ def test_unreadable_image_fails_clearly(cog_server):
     uri = "data:image/png;base64," + base64.b64encode(b"not a png").decode()
     body = cog_server.predict(input={"prompt": "x", "image": uri, **FAST}).json()
     assert body["status"] == "failed" and "image: the file is not an image" in body["error"]
+
+
+def test_extra_lora_from_a_local_server_through_coglet(cog_server, file_server, tmp_path):
+    from tests.fixtures.lora_factory import make_spec, sdxl_tensors, write_layout, write_tensors
+    from weights.tiny import tiny_transformer
+
+    transformer = tiny_transformer(guidance_embeds=True)
+    lora = write_layout("kohya", make_spec(transformer, seed=3, magnitude=0.5), transformer, tmp_path / "style.safetensors")
+    url = file_server.add("/style.safetensors", lora.read_bytes())
+    sdxl = file_server.add("/sdxl.safetensors", write_tensors(sdxl_tensors(), tmp_path / "sdxl.safetensors").read_bytes())
+    request = {"prompt": "x", **FAST, "output_format": "png"}
+
+    plain = cog_server.predict(input=request).json()
+    styled = cog_server.predict(input={**request, "extra_lora": url, "extra_lora_scale": 0.8}).json()
+    assert styled["status"] == "succeeded", styled
+    assert "extra_lora" in styled["logs"] and "changes" in styled["logs"]
+    assert styled["output"] != plain["output"]
+
+    broken = cog_server.predict(input={**request, "extra_lora": sdxl}).json()
+    assert broken["status"] == "failed" and "extra_lora" in broken["error"]
+    assert cog_server.predict(input=request).json()["output"] == plain["output"]

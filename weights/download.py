@@ -470,7 +470,9 @@ class Downloader:
         def fetch_chunk(index: int, response: requests.Response | None, fd: int) -> None:
             start, end = state.chunks[index]
             if response is None:
-                response, _, _ = self._open(session_of_this_thread(), final_url, job, {"Range": f"bytes={start}-{end - 1}"})
+                response, _, _ = self._open(
+                    session_of_this_thread(), final_url, job, {"Range": f"bytes={start}-{end - 1}"}
+                )
                 with contextlib.closing(response):
                     self._check_chunk_answer(response, job, (start, end - 1, total), validator)
                     self._copy_range(response, fd, start, end - start, job, progress, stop)
