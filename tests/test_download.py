@@ -390,12 +390,17 @@ def test_kill_9_mid_download_leaves_nothing_that_is_used(file_server: FileServer
     cache_root = tmp_path / "cache"
     process = child(cache_root, url, connections=2)
     deadline = time.monotonic() + 20
-    started = 1_100_000 if ranges else 300_000  # with ranges: some chunks are complete by then
-    while file_server.bytes_sent.get("/big.bin", 0) < started:
+
+    def in_progress() -> bool:
+        if ranges:  # wait until the child has recorded some finished chunks
+            return any(len(p.read_text().splitlines()) >= 2 for p in cache_root.glob("partial/*/resume.done"))
+        return file_server.bytes_sent.get("/big.bin", 0) >= 300_000
+
+    while not in_progress():
         assert time.monotonic() < deadline and process.poll() is None, "the download did not start"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL
 
     cache = FileCache(cache_root, max_bytes=0)
     assert entries(cache_root) == [] and cache.lookup("k") is None
@@ -419,6 +424,7 @@ def test_damaged_cache_entry_is_fetched_again(
     dl = downloader(tmp_path)
     path = fetch(dl, url).path
     requests_before = len(file_server.requests_for("/f.bin"))
+    time.sleep(0.05)  # damage comes later than the download (and file times are only so fine)
     with path.open("r+b") as file:
         if damage == "truncate":
             file.truncate(150_000)
@@ -483,6 +489,20 @@ def test_cache_persists_across_instances(file_server: FileServer, tmp_path: Path
     assert fetch(downloader(tmp_path), url).cache_hit
 
 
+def test_an_intact_entry_that_was_touched_is_hashed_once_and_kept(
+    file_server: FileServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = file_server.add("/f.bin", payload(10_000))
+    dl = downloader(tmp_path)
+    path = fetch(dl, url).path
+    os.utime(path, ns=(1, 1))  # e.g. restored from a backup: other times, same bytes
+    with caplog.at_level(logging.WARNING):
+        assert fetch(dl, url).cache_hit and fetch(dl, url).cache_hit
+    assert "fetching it again" not in caplog.text
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert meta["fingerprint"][1] == 1
+
+
 def test_configuration_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FLUX_DOWNLOAD_CONNECTIONS", "6")
     monkeypatch.setenv("FLUX_DOWNLOAD_READ_TIMEOUT_S", "7.5")
@@ -504,6 +524,7 @@ def test_get_json(file_server: FileServer, tmp_path: Path) -> None:
     file_server.route("/api/x", lambda _r: Reply(200, {"Content-Type": "application/json"}, b'{"ok": [1, 2]}'))
     dl = downloader(tmp_path)
     assert dl.get_json(file_server.url + "/api/x", input_name="extra_lora") == {"ok": [1, 2]}
+    assert "gzip" in file_server.requests[-1].headers["accept-encoding"]  # so the answer came compressed
     with pytest.raises(HTTPStatusError) as caught:
         dl.get_json(file_server.url + "/api/none", input_name="extra_lora")
     assert caught.value.status == 404

@@ -126,9 +126,9 @@ def test_pick_rule_unit() -> None:
 
 
 def test_hf_named_files_and_revisions(hub_server: HubServer) -> None:
-    commit = hub_server.add_repo("alice/style", {"v1.safetensors": LORA_A, "deep/dir/v2.safetensors": LORA_B})
+    commit = hub_server.add_repo("alice/style", {"v1.safetensors": LORA_A, "deep/dir/my v2.safetensors": LORA_B})
     assert fetch("huggingface.co/alice/style/v1.safetensors").read_bytes() == LORA_A
-    assert fetch("https://huggingface.co/alice/style/blob/main/deep/dir/v2.safetensors").read_bytes() == LORA_B
+    assert fetch("https://huggingface.co/alice/style/blob/main/deep/dir/my%20v2.safetensors").read_bytes() == LORA_B
     assert (
         fetch(f"https://huggingface.co/alice/style/resolve/{commit}/v1.safetensors?download=true").read_bytes()
         == LORA_A

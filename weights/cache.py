@@ -9,8 +9,10 @@ Layout under the root (h = sha256 of the key, so keys with tokens or signed quer
     locks/evict.lock        one eviction pass at a time
 
 A finished work directory becomes an entry by one `rename`, so a process killed at any moment leaves either
-nothing or a complete entry. A hit is checked (size, and sha256 unless `verify_hits=False`) before it is
-served; a truncated or corrupt entry is removed and produced again.
+nothing or a complete entry. A hit is checked before it is served: its size always, and its sha256 whenever
+the file is not the one we wrote (its mtime or inode changed: something wrote to it or replaced it), unless
+`verify_hits=False`. Hashing every hit would cost seconds per request for big files; damage that keeps the
+mtime (bit rot) is left to the filesystem. A truncated or corrupt entry is removed and produced again.
 
 Eviction (least recently used first, unfinished downloads before entries) keeps the cache under `max_bytes`
 and the disk above `min_free_bytes`. It skips keys whose lock another producer holds.
@@ -85,6 +87,16 @@ def file_lock(path: Path, *, blocking: bool = True) -> Iterator[bool]:
         yield acquired
     finally:
         os.close(fd)
+
+
+def _fingerprint(stat: os.stat_result) -> list[int]:
+    return [stat.st_ino, stat.st_mtime_ns, stat.st_size]
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=1))
+    os.replace(temporary, path)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -258,15 +270,17 @@ class FileCache:
             if other != produced:
                 _remove(other)
         produced.rename(work_dir / file_name)
+        data = work_dir / file_name
         meta = {
             "version": 1,
             "file": file_name,
             "size": size,
-            "sha256": sha256_file(work_dir / file_name),
+            "sha256": sha256_file(data),
+            "fingerprint": _fingerprint(data.stat()),  # renaming the folder keeps inode and mtime
             "source": description,
             "created": time.time(),
         }
-        (work_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+        _write_json(work_dir / "meta.json", meta)
         entry = self.root / "entries" / key_hash
         _remove(entry)  # an invalid old entry; we hold the key's lock
         os.rename(work_dir, entry)  # the one atomic step that publishes the entry
@@ -286,12 +300,16 @@ class FileCache:
             if not _SAFE_FILE_NAME.match(file_name):
                 raise ValueError("bad file name")
             data = entry / file_name
-            if not data.is_file() or data.stat().st_size != meta["size"]:
-                problem = "truncated or missing"
-            elif self.verify_hits and sha256_file(data) != meta["sha256"]:
-                problem = "corrupt (sha256 mismatch)"
+            stat = data.stat()
+            if stat.st_size != meta["size"]:
+                problem = "truncated"
+            elif self.verify_hits and _fingerprint(stat) != meta.get("fingerprint"):
+                if sha256_file(data) != meta["sha256"]:
+                    problem = "corrupt (sha256 mismatch)"
+                else:  # touched but intact (a copy, a restore): remember the new fingerprint
+                    _write_json(meta_path, {**meta, "fingerprint": _fingerprint(stat)})
         except (OSError, ValueError, KeyError, TypeError):
-            problem = "unreadable metadata"
+            problem = "missing or unreadable"
         if problem is not None:
             log.warning("cache: entry for %s is %s; fetching it again", self._description(entry), problem)
             _remove(entry)

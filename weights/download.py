@@ -335,7 +335,8 @@ class Downloader:
                     if response.status_code != 200:
                         raise self._status_error(response.status_code, job)
                     body = bytearray()
-                    while chunk := self._read(response, job, _READ_BYTES):
+                    # APIs compress JSON when the client allows it (requests does by default): decode it.
+                    while chunk := self._read(response, job, _READ_BYTES, decode=True):
                         body += chunk
                         if len(body) > max_bytes:
                             raise job.fail(f"{job.label} answered with more than {max_bytes // MiB} MiB of JSON")
@@ -480,6 +481,8 @@ class Downloader:
                 self._copy_range(response, fd, start, end - start, job, progress, stop)
             state.mark_done(index)
 
+        if 0 not in pending:
+            first.close()  # resuming: the probe's bytes are already here
         fd = os.open(dest, os.O_RDWR)
         try:
             workers = max(1, min(self.settings.connections, len(pending)))
@@ -535,11 +538,11 @@ class Downloader:
                 view, position = view[written:], position + written
             progress.add(len(chunk))
 
-    def _read(self, response: requests.Response, job: _Job, amount: int) -> bytes:
+    def _read(self, response: requests.Response, job: _Job, amount: int, *, decode: bool = False) -> bytes:
         """Up to `amount` bytes as soon as some arrive (so the deadline is checked often); b"" at the end."""
         self._check_deadline(job)
         try:
-            return response.raw.read1(amount)
+            return response.raw.read1(amount, decode_content=decode)
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
             raise self._classify(exc, job, job.url) from None
 

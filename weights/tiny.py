@@ -14,25 +14,20 @@ Everything is a pure function of fixed seeds and the built-in corpus: two builds
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-# Bump whenever the generated files change, so existing caches get rebuilt.
-FORMAT_VERSION = "2"
-MARKER_FILE = ".tiny-flux-format"
-LOCK_FILE = ".tiny-flux.lock"
-PARTIAL_PREFIX = ".partial-"
+from weights.builds import RepoBuild
+
+BUILD = RepoBuild("tiny-flux", version="2")  # bump the version whenever the generated files change
+FORMAT_VERSION, MARKER_FILE, PARTIAL_PREFIX = BUILD.version, BUILD.marker, BUILD.staging_prefix
 
 VARIANT_DIRS = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell"}
 TRANSFORMER_SEEDS = {"dev": 0, "schnell": 1}
@@ -149,56 +144,18 @@ def ensure_tiny_flux(root: Path) -> dict[str, Path]:
     """Build the tiny dev and schnell repos under root unless a complete current build is there."""
     root = Path(root)
     targets = {variant: root / name for variant, name in VARIANT_DIRS.items()}
-    if all(_is_complete(path) for path in targets.values()):
-        return targets
-    root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / LOCK_FILE):
-        # Anything half-built belongs to a process that died: we hold the lock, so no one is writing it.
-        for leftover in root.glob(PARTIAL_PREFIX + "*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        if not all(_is_complete(path) for path in targets.values()):
-            _build_all(root, targets)
+    BUILD.ensure(
+        root,
+        {
+            targets["dev"]: lambda repo_dir: _write_repo(repo_dir, "dev"),
+            targets["schnell"]: lambda repo_dir: _write_repo(repo_dir, "schnell", shared_from=targets["dev"]),
+        },
+    )
     return targets
 
 
-def _is_complete(repo_dir: Path) -> bool:
-    try:
-        return (repo_dir / MARKER_FILE).read_text() == FORMAT_VERSION
-    except OSError:
-        return False
-
-
-@contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-def _build_all(root: Path, targets: dict[str, Path]) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=root))
-    try:
-        built = {variant: staging / path.name for variant, path in targets.items()}
-        _write_repo(built["dev"], "dev")
-        _write_repo(built["schnell"], "schnell", shared_from=built["dev"])
-        for variant, target in targets.items():
-            _replace_dir(built[variant], target, staging)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_dir(new_dir: Path, target: Path, staging: Path) -> None:
-    """Swap new_dir into target's place; a stale target is moved aside first, since rename can't overwrite it."""
-    if target.exists():
-        target.rename(staging / (target.name + ".stale"))
-    new_dir.rename(target)
-
-
 def _write_repo(repo_dir: Path, variant: str, shared_from: Path | None = None) -> None:
-    """Write one complete repo; the marker goes last, so a repo without it was never finished."""
+    """Write one complete repo (RepoBuild adds the completion marker)."""
     repo_dir.mkdir(parents=True)
     _write_json(repo_dir / "model_index.json", MODEL_INDEX)
     _write_scheduler(repo_dir / "scheduler", variant)
@@ -212,7 +169,6 @@ def _write_repo(repo_dir: Path, variant: str, shared_from: Path | None = None) -
         _save_model(_tiny_clip_text_model(clip_vocab_size), repo_dir / "text_encoder")
         _save_model(_tiny_t5_encoder(t5_vocab_size), repo_dir / "text_encoder_2")
         _save_model(_tiny_vae(), repo_dir / "vae")
-    (repo_dir / MARKER_FILE).write_text(FORMAT_VERSION)
 
 
 def tiny_transformer(guidance_embeds: bool, seed: int = 0):

@@ -19,24 +19,16 @@ Tests can steer further through the real knobs: stage 1's concept thresholds and
 
 from __future__ import annotations
 
-import fcntl
 import json
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from weights.builds import RepoBuild
 from weights.tiny import default_tiny_root
 
-# Bump whenever the generated files change, so existing caches get rebuilt.
-FORMAT_VERSION = "1"
-MARKER_FILE = ".tiny-safety-format"
-LOCK_FILE = ".tiny-safety.lock"
-# Unfinished builds; not ".partial-", which weights/tiny.py sweeps under its own lock.
-STAGING_PREFIX = ".building-safety-"
+BUILD = RepoBuild("tiny-safety", version="1")  # bump the version whenever the generated files change
+FORMAT_VERSION, MARKER_FILE, STAGING_PREFIX = BUILD.version, BUILD.marker, BUILD.staging_prefix
 STAGE_DIRS = {"stage1": "stable-diffusion-safety-checker", "stage2": "nsfw_image_detection"}
 
 HIDDEN_SIZE = 32
@@ -89,50 +81,8 @@ def ensure_tiny_safety(root: Path) -> dict[str, Path]:
     """Build both tiny safety repos under root unless complete current builds are there; return their paths."""
     root = Path(root)
     targets = {stage: root / name for stage, name in STAGE_DIRS.items()}
-    if all(_is_complete(target) for target in targets.values()):
-        return targets  # the common case: no lock, no torch import
-    writers = {"stage1": _write_stage1_repo, "stage2": _write_stage2_repo}
-    root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / LOCK_FILE):
-        # Anything half-built belongs to a process that died: we hold the lock, so no one is writing it.
-        for leftover in root.glob(STAGING_PREFIX + "*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        for stage, target in targets.items():
-            if not _is_complete(target):  # again: another process may have built it while we waited
-                _build_atomically(target, writers[stage])
+    BUILD.ensure(root, {targets["stage1"]: _write_stage1_repo, targets["stage2"]: _write_stage2_repo})
     return targets
-
-
-def _is_complete(repo_dir: Path) -> bool:
-    try:
-        return (repo_dir / MARKER_FILE).read_text() == FORMAT_VERSION
-    except OSError:
-        return False
-
-
-@contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Serialise builders across processes (parallel test runs share one cache)."""
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-def _build_atomically(target: Path, write_repo: Callable[[Path], None]) -> None:
-    """Write into a temp folder beside target, then rename it into place: target is complete or absent."""
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target.parent))
-    try:
-        built = staging / target.name
-        write_repo(built)
-        (built / MARKER_FILE).write_text(FORMAT_VERSION)  # last, so only finished builds carry it
-        if target.exists():
-            target.rename(staging / "stale")  # an old version or a tampered copy; rename can't overwrite it
-        built.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_stage1_repo(repo_dir: Path) -> None:
