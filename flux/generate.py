@@ -6,6 +6,7 @@ import logging
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from flux.loras import LoraState, safe_display
 from flux.output import save_images
-from flux.pipelines import MAX_SEQUENCE_LENGTH, FluxPipelines, pick_device, pick_dtype
+from flux.pipelines import MAX_SEQUENCE_LENGTH, MODEL_LOADING, FluxPipelines, pick_device, pick_dtype
 from flux.request import GenerationRequest
 from safety.checker import SafetyChecker
 from weights.config import WeightPaths
@@ -42,7 +43,8 @@ class FluxGenerator:
         self.dtype = pick_dtype(self.device)
         self.weights = weights
         self.pipelines = FluxPipelines(weights.dev, weights.schnell, self.device, self.dtype)
-        self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)
+        with MODEL_LOADING:
+            self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)
         self.loras = LoraState(self.pipelines, default_lora)
         if default_lora:
             log.info("Default main LoRA (used when replicate_weights is empty): %s", safe_display(default_lora))
@@ -59,10 +61,17 @@ class FluxGenerator:
             log.info("go_fast: fp8 is not available in this build yet; running in bf16.")
         with phase("Denoising"):
             images = self._denoise(request)
-        kept = self.safety.check(images, disabled=request.disable_safety_checker).kept_or_raise(images)
         out_dir = self._fresh_output_dir()
-        with phase("Encoding"):
-            return save_images(kept, request.output_format, request.output_quality, out_dir)
+        with phase("Safety check and encoding"), ThreadPoolExecutor(max_workers=1) as pool:
+            # encode while the checker runs; files of dropped images are deleted before anyone sees them
+            encoding = pool.submit(save_images, list(enumerate(images)), request.output_format, request.output_quality, out_dir)
+            try:
+                report = self.safety.check(images, disabled=request.disable_safety_checker)
+            finally:
+                paths = encoding.result()
+            for index in report.dropped_indices:
+                paths[index].unlink()
+            return [path for _, path in report.kept_or_raise(paths)]
 
     def _denoise(self, request: GenerationRequest) -> list[Image.Image]:
         pipe = self.pipelines.get(request.model, request.mode)

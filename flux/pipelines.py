@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 # loading bars are noise in a prediction's logs
 diffusers_logging.disable_progress_bar()
 transformers_logging.disable_progress_bar()
+
+# Loading a model patches torch globally for a moment (accelerate's empty-weights init), so two loads in one
+# process must never overlap: every load in this project holds this lock.
+MODEL_LOADING = threading.Lock()
 
 MODES = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}  # schnell was trained with 256 T5 tokens
@@ -52,7 +57,8 @@ class FluxPipelines:
     def __init__(self, dev_dir: Path, schnell_dir: Path, device: torch.device, dtype: torch.dtype):
         started = time.perf_counter()
         self.device, self.dtype = device, dtype
-        dev = FluxPipeline.from_pretrained(dev_dir, dtype=dtype).to(device)
+        with MODEL_LOADING:
+            dev = FluxPipeline.from_pretrained(dev_dir, dtype=dtype).to(device)
         dev.set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
         self._txt2img = {"dev": dev}
         self._views: dict[tuple[str, str], FluxPipeline] = {}
@@ -70,14 +76,18 @@ class FluxPipelines:
     def _load_schnell(self) -> FluxPipeline:
         started = time.perf_counter()
         components = dict(self._txt2img["dev"].components)
-        components["transformer"] = FluxTransformer2DModel.from_pretrained(
-            self._schnell_dir, subfolder="transformer", dtype=self.dtype
-        ).to(self.device)
+        with MODEL_LOADING:
+            components["transformer"] = FluxTransformer2DModel.from_pretrained(
+                self._schnell_dir, subfolder="transformer", dtype=self.dtype
+            ).to(self.device)
         components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(self._schnell_dir, subfolder="scheduler")
         schnell = FluxPipeline(**components)
         schnell.set_progress_bar_config(disable=True)
         log.info("Loaded FLUX schnell in %.2fs (in the background)", time.perf_counter() - started)
         return schnell
+
+    def wait_for_background_loads(self) -> None:
+        self._base("schnell")
 
     def _base(self, model: str) -> FluxPipeline:
         if model == "schnell" and model not in self._txt2img:

@@ -192,7 +192,7 @@ class _Fetcher:
                 ) from None
             if exc.status == 404:
                 raise self._error(
-                    f"{where} has no file {source.filename!r} at revision {revision!r}; check the file name"
+                    f"{where} has no file {source.filename or 'to pick'!r} at revision {revision!r}; check the file name"
                 ) from None
             raise
 
