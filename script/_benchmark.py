@@ -1,19 +1,28 @@
 """CPU benchmark on the tiny weights. Every figure is a ratio of two timings taken in this one run.
 
-P1  predict() end to end / a bare diffusers FluxPipeline call (1024x1024, 4 steps, 1 output). Goal <= 1.10
-P5  cold setup (Predictor.setup) / bare FluxPipeline.from_pretrained.                          Goal <= 1.3
-P6  HTTP round trip through coglet / in-process predict().                                     Goal <= 1.10
-The two sides of each ratio are interleaved and the median of the repeats is used, as this machine is noisy.
+P1  predict() end to end (safety + encoding included) / a bare diffusers FluxPipeline call
+    (1024x1024, 4 steps, 1 output).                                                        Goal <= 1.10
+P2  request with an already-fused LoRA / the same request without LoRA.                    Goal <= 1.05
+P3  requests alternating two cached LoRAs / requests without LoRA.                         Goal <= 1.20
+P4  parallel ranged download / single stream, local server throttled per connection.       Goal >= 3.5x
+P5  cold setup (fresh process: import predict + Predictor.setup) / cold bare
+    (fresh process: import diffusers + FluxPipeline.from_pretrained).                      Goal <= 1.3
+    Also printed: the same two without process start and imports (warm, in-process).
+P6  HTTP round trip through coglet / in-process predict().                                 Goal <= 1.10
+The two sides of each ratio are interleaved and the medians of the repeats are used, as this machine is noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,22 +33,30 @@ PROMPT = "a photo of TOK riding a bicycle"
 REQUEST = {"prompt": PROMPT, "num_inference_steps": 4, "seed": 1, "guidance_scale": 3.5}
 
 
-def timed(fn, *args, **kwargs) -> tuple[float, object]:
+def timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - started, result
+    fn()
+    return time.perf_counter() - started
 
 
-def interleave(repeats: int, a, b) -> tuple[float, float]:
-    times_a, times_b = [], []
+def interleave(repeats: int, ours: Callable[[], object], base: Callable[[], object]) -> tuple[float, float]:
+    ours_times, base_times = [], []
     for _ in range(repeats):
-        times_a.append(timed(a)[0])
-        times_b.append(timed(b)[0])
-    return statistics.median(times_a), statistics.median(times_b)
+        ours_times.append(timed(ours))
+        base_times.append(timed(base))
+    return statistics.median(ours_times), statistics.median(base_times)
 
 
-def report(goal_id: str, label: str, ours: float, base: float, goal: str) -> None:
-    print(f"{goal_id}  {label:<58} {ours:7.3f}s / {base:7.3f}s = {ours / base:5.2f}  (goal {goal})")
+def report(goal_id: str, label: str, ours: float, base: float, goal: str, inverse: bool = False) -> None:
+    ratio = base / ours if inverse else ours / base
+    print(f"{goal_id}  {label:<60} {ours:8.3f}s vs {base:8.3f}s -> {ratio:5.2f}{'x' if inverse else ''}  (goal {goal})", flush=True)
+
+
+def cold_process(code: str) -> Callable[[], None]:
+    def run() -> None:
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, env={**os.environ, "FLUX_WEIGHTS": "tiny"})
+
+    return run
 
 
 def main() -> int:
@@ -48,8 +65,6 @@ def main() -> int:
     parser.add_argument("--skip-http", action="store_true")
     args = parser.parse_args()
 
-    import logging
-
     import torch
     from diffusers import FluxPipeline
 
@@ -57,62 +72,84 @@ def main() -> int:
     from weights.config import tiny_weight_paths
 
     weights = tiny_weight_paths()
-    logging.disable(logging.INFO)  # keep step logs out of the figures' output
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tiny weights in {weights.dev.parent}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tiny weights in {weights.dev.parent}", flush=True)
 
-    # warm the file cache and imports for both sides before timing setup
-    FluxPipeline.from_pretrained(weights.dev, torch_dtype=torch.float32)
+    # --- P1: end to end vs bare pipeline ---
     predictor = Predictor()
     predictor.setup()
     predictor.generator.pipelines.wait_for_background_loads()
-    logging.disable(logging.INFO)
-
-    def bare_load():
-        return FluxPipeline.from_pretrained(weights.dev, torch_dtype=torch.float32)
-
-    setup_ours_times, setup_bare_times = [], []
-    for _ in range(max(3, args.repeats)):
-        fresh = Predictor()
-        setup_ours_times.append(timed(fresh.setup)[0])  # ready to serve dev; schnell goes on loading
-        logging.disable(logging.INFO)
-        fresh.generator.pipelines.wait_for_background_loads()  # loads must not overlap (see MODEL_LOADING)
-        setup_bare_times.append(timed(bare_load)[0])
-    setup_ours, setup_bare = statistics.median(setup_ours_times), statistics.median(setup_bare_times)
-
-    bare = bare_load()
+    logging.disable(logging.INFO)  # keep step logs out of the figures
+    bare = FluxPipeline.from_pretrained(weights.dev, dtype=torch.float32)
     bare.set_progress_bar_config(disable=True)
 
-    def bare_call():
-        generator = [torch.Generator("cpu").manual_seed(1)]
-        return bare(
-            prompt=PROMPT, width=1024, height=1024, num_inference_steps=4, guidance_scale=3.5,
-            generator=generator, max_sequence_length=512,
-        ).images
+    def bare_call() -> None:
+        bare(prompt=PROMPT, width=1024, height=1024, num_inference_steps=4, guidance_scale=3.5,
+             generator=[torch.Generator("cpu").manual_seed(1)], max_sequence_length=512)
 
-    def our_predict():
-        return predict_with_defaults(predictor, **REQUEST)
+    def our_predict(**extra: object) -> Callable[[], None]:
+        return lambda: predict_with_defaults(predictor, **REQUEST, **extra)
 
-    bare_call(), our_predict()  # warm-up
-    predict_ours, predict_bare = interleave(args.repeats, our_predict, bare_call)
+    bare_call(), our_predict()()  # warm-up
+    report("P1", "predict() end to end / bare FluxPipeline call", *interleave(args.repeats, our_predict(), bare_call), "<= 1.10")
 
-    print()
-    report("P1", "predict() end to end / bare FluxPipeline call", predict_ours, predict_bare, "<= 1.10")
-    report("P5", "Predictor.setup() / bare FluxPipeline.from_pretrained", setup_ours, setup_bare, "<= 1.3")
+    # --- P2, P3: LoRAs ---
+    from tests.fixtures.lora_factory import make_spec, write_layout
 
+    with tempfile.TemporaryDirectory() as tmp:
+        pipelines = predictor.generator.pipelines
+        loras = []
+        for seed in (1, 2):
+            spec = make_spec(pipelines.transformer("dev"), pipelines.text_encoder, rank=16, seed=seed)
+            loras.append(str(write_layout("kohya", spec, pipelines.transformer("dev"), Path(tmp) / f"lora{seed}.safetensors")))
+        with_lora = our_predict(replicate_weights=loras[0])
+        with_lora()  # fetch, convert and fuse once
+        report("P2", "request with an already-fused LoRA / no LoRA", *interleave(args.repeats, with_lora, our_predict()), "<= 1.05")
+        our_predict(replicate_weights=loras[1])()  # both cached
+        turn = iter(range(10**6))
+
+        def alternate() -> None:
+            our_predict(replicate_weights=loras[next(turn) % 2])()
+
+        report("P3", "alternating two cached LoRAs / no LoRA", *interleave(args.repeats, alternate, our_predict()), "<= 1.20")
+    predict_with_defaults(predictor, **REQUEST)  # back to no LoRA
+
+    # --- P4: downloads ---
+    from script.bench_download import measure_p4
+
+    p4 = measure_p4(connections=4)
+    report("P4", "single stream / 4 ranged connections (24 MiB, 6 MiB/s each)", p4["parallel_s"], p4["single_stream_s"], ">= 3.5x", inverse=True)
+
+    # --- P5: setup ---
+    cold_ours = cold_process("from predict import Predictor; Predictor().setup()")
+    cold_bare = cold_process(
+        "import torch; from diffusers import FluxPipeline; "
+        f"FluxPipeline.from_pretrained({str(weights.dev)!r}, dtype=torch.float32)"
+    )
+    report("P5", "cold: fresh process + setup / fresh process + from_pretrained", *interleave(max(3, args.repeats // 2), cold_ours, cold_bare), "<= 1.3")
+    warm_ours, warm_bare = [], []
+    for _ in range(args.repeats):
+        fresh = Predictor()
+        warm_ours.append(timed(fresh.setup))  # ready to serve dev; schnell goes on loading in the background
+        logging.disable(logging.INFO)
+        fresh.generator.pipelines.wait_for_background_loads()  # model loads must not overlap (MODEL_LOADING)
+        warm_bare.append(timed(lambda: FluxPipeline.from_pretrained(weights.dev, dtype=torch.float32)))
+    report("  ", "warm: Predictor.setup() / FluxPipeline.from_pretrained", statistics.median(warm_ours), statistics.median(warm_bare), "(info)")
+
+    # --- P6: HTTP ---
     if not args.skip_http:
         from tests.fixtures.cog_server import start_cog_server, stop_cog_server
 
         with tempfile.TemporaryDirectory() as tmp:
             server = start_cog_server(Path(tmp))
             try:
-                def http_call():
+                def http_call() -> None:
                     body = server.predict(input=REQUEST).json()
                     assert body["status"] == "succeeded", body
+
                 http_call()
-                http_time, local_time = interleave(args.repeats, http_call, our_predict)
+                report("P6", "HTTP round trip through coglet / in-process predict()", *interleave(args.repeats, http_call, our_predict()), "<= 1.10")
             finally:
                 stop_cog_server(server)
-        report("P6", "HTTP round trip through coglet / in-process predict()", http_time, local_time, "<= 1.10")
     return 0
 
 
