@@ -15,6 +15,7 @@ from weights.errors import UserError
 
 log = logging.getLogger(__name__)
 
+MAX_SEED = 2**63  # torch generators take 64-bit seeds; seed + i must stay in range
 MODELS = ["dev", "schnell"]
 OUTPUT_FORMATS = ["webp", "jpg", "png"]
 # Inclusive bounds; predict.py repeats them as literals for cog's static schema reader, and a test checks they agree.
@@ -118,6 +119,8 @@ def build_request(
     main_lora_scale = _number("lora_scale", lora_scale)
     if seed is not None:
         seed = _integer("seed", seed, bounded=False)
+        if seed >= MAX_SEED:
+            raise UserError(f"seed: {seed} is too large; use a number below {MAX_SEED} (or leave it empty for a random one).")
 
     if mask is not None and image is None:
         raise UserError("mask: a mask needs an input image; also set image (white mask areas are repainted).")

@@ -19,7 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / ".cog" / "openapi_schema.json"
 
 
-def load_predictor(ref: str = "predict.py:Predictor") -> type:
+def predictor_ref() -> str:
+    """The predictor cog.yaml deploys (`predict:` or `run:`), which is the one the schema file describes."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    return config.get("predict") or config["run"]
+
+
+def load_predictor(ref: str) -> type:
     module_file, class_name = ref.split(":")
     sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location("predict", ROOT / module_file)
@@ -205,8 +213,12 @@ def render(predictor: type) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed schema is stale")
+    parser.add_argument("--predictor", help="print the schema of another class, e.g. predict.py:LegacyPredictor")
     args = parser.parse_args()
-    text = render(load_predictor())
+    if args.predictor:
+        print(render(load_predictor(args.predictor)), end="")
+        return 0
+    text = render(load_predictor(predictor_ref()))
     if args.check:
         if not SCHEMA_FILE.exists() or SCHEMA_FILE.read_text() != text:
             print(f"{SCHEMA_FILE.relative_to(ROOT)} is stale; run script/schema and commit it.", file=sys.stderr)

@@ -105,3 +105,13 @@ def test_bad_input_is_a_user_error_and_the_predictor_keeps_working(predictor, tm
     with pytest.raises(UserError, match="^mask: "):
         predict_with_defaults(predictor, **FAST, mask=tmp_path / "missing.png")
     assert predict_with_defaults(predictor, **FAST)[0].exists()
+
+
+@pytest.mark.parametrize("variant", ["FastPredictor", "LegacyPredictor"])
+def test_schema_variants_run_on_the_same_generator(predictor, variant):
+    import predict
+
+    other = getattr(predict, variant)()
+    other.generator = predictor.generator  # same loaded models; only the schema layer differs
+    paths = predict_with_defaults(other, prompt="x", num_inference_steps=2, num_outputs=2, aspect_ratio="16:9", seed=2)
+    assert [Image.open(p).size for p in paths] == [(1344, 768)] * 2

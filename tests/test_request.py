@@ -132,3 +132,9 @@ def test_seeds():
     assert len(randoms) > 30 and all(0 <= s < 2**32 for s in randoms)
     assert batch_seeds(10, 3) == [10, 11, 12]
     assert build_request(prompt="x", seed=7, num_outputs=3).seeds == [7, 8, 9]
+
+
+def test_huge_seed_is_refused_and_negative_means_random():
+    with pytest.raises(UserError, match="^seed: .* too large"):
+        build_request(prompt="x", seed=2**64)
+    assert 0 <= build_request(prompt="x", seed=-5).seed < 2**32

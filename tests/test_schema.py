@@ -19,9 +19,9 @@ def committed_schemas() -> dict:
     return json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())["components"]["schemas"]
 
 
-def resolved_inputs() -> dict:
+def resolved_inputs(schemas: dict | None = None) -> dict:
     """Our Input properties with cog's allOf/$ref enums merged in, as Replicate's page shows them."""
-    schemas = committed_schemas()
+    schemas = schemas or committed_schemas()
     properties = {}
     for name, prop in schemas["Input"]["properties"].items():
         prop = dict(prop)
@@ -36,16 +36,42 @@ def test_schema_file_is_current():
     assert result.returncode == 0, result.stderr
 
 
-def test_input_schema_matches_trained_lora_seed_property_by_property():
-    seed = json.loads((SHARED / "schemas" / "trained-lora.input.json").read_text())
-    ours = resolved_inputs()
+def variant_schemas(ref: str) -> dict:
+    sys.path.insert(0, str(ROOT / "script"))
+    from _schema import load_predictor, openapi_document
+
+    return openapi_document(load_predictor(ref))["components"]["schemas"]
+
+
+def assert_matches_seed(schemas: dict, seed: dict, hidden_order: int) -> None:
+    ours = resolved_inputs(schemas)
     hidden = ours.pop("replicate_weights")
-    assert hidden["x-order"] == 17 and hidden["type"] == "string" and hidden.get("nullable") is True
+    assert hidden["x-order"] == hidden_order and hidden["type"] == "string" and hidden.get("nullable") is True
     assert sorted(ours) == sorted(seed["properties"])
     for name, expected in seed["properties"].items():
         for key in COMPARED:
             assert ours[name].get(key) == expected.get(key), f"{name}.{key}"
-    assert committed_schemas()["Input"]["required"] == seed["required"]
+    assert schemas["Input"]["required"] == seed["required"]
+
+
+def test_input_schema_matches_trained_lora_seed_property_by_property():
+    """Seeds 000, 003 and 004 (the committed schema file is this one, as cog.yaml deploys Predictor)."""
+    seed = json.loads((SHARED / "schemas" / "trained-lora.input.json").read_text())
+    assert_matches_seed(committed_schemas(), seed, hidden_order=17)
+
+
+def test_fast_predictor_matches_seed_001():
+    """Seed 001 is the trained-LoRA table with go_fast on by default."""
+    seed = json.loads((SHARED / "schemas" / "trained-lora.input.json").read_text())
+    seed["properties"]["go_fast"]["default"] = True
+    assert_matches_seed(variant_schemas("predict.py:FastPredictor"), seed, hidden_order=17)
+    page = next((SHARED / "seeds").glob("001_*.txt")).read_text()
+    assert "go_fast |\nboolean\n|\nTrue\n" in page  # the seed page itself says so
+
+
+def test_legacy_predictor_matches_seed_002():
+    seed = json.loads((SHARED / "schemas" / "legacy-fine-tuner.input.json").read_text())
+    assert_matches_seed(variant_schemas("predict.py:LegacyPredictor"), seed, hidden_order=12)
 
 
 def test_output_schema_matches_seed():
