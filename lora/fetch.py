@@ -64,11 +64,9 @@ from weights.download import (
     FetchResult,
     HTTPStatusError,
     Resolved,
-    check_safetensors,
-    extract_single_safetensors,
-    sniff_format,
 )
 from weights.errors import UserError
+from weights.files import check_safetensors, extract_single_safetensors, sniff_format
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lora import layouts
 from lora.layouts import ALPHA, DOWN, DOWN_BIAS, UP, UP_BIAS, Target
 from weights.errors import UserError
+from weights.files import sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +103,16 @@ class LoraWeights:
 
 def _sniff(path: Path, input_name: str) -> None:
     """Refuse anything that is not a safetensors file before a parser sees it."""
-    with path.open("rb") as file:
-        head = file.read(16)
-    # safetensors: an 8-byte little-endian header size, then the JSON header.
-    header_size = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
-    if head[8:9] == b"{" and 8 + header_size <= path.stat().st_size:
+    kind = sniff_format(path)
+    if kind == "safetensors":
         return
-    # torch.save writes a zip archive; older versions and .ckpt files a bare pickle (protocol 2+).
-    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+    if kind in ("pickle", "zip"):  # torch.save writes a zip; older versions and .ckpt files a bare pickle
         raise UserError(
             f"{input_name}: {path.name} is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), which can run code "
             "when loaded; only .safetensors LoRA files are accepted. Convert it to .safetensors first."
         )
-    shown = head.decode("utf-8", "replace").strip()[:12]
+    with path.open("rb") as file:
+        shown = file.read(12).decode("utf-8", "replace").strip()
     raise UserError(
         f"{input_name}: {path.name} is not a .safetensors file (it starts with {shown!r}); "
         "give a LoRA in .safetensors format."

@@ -24,13 +24,11 @@ from weights.download import (
     DownloadError,
     DownloadSettings,
     HTTPStatusError,
-    check_safetensors,
-    extract_single_safetensors,
     is_public_address,
     redact_url,
-    sniff_format,
 )
 from weights.errors import UserError
+from weights.files import check_safetensors, extract_single_safetensors, sniff_format
 
 pytest_plugins = ["tests.fixtures.servers"]
 
