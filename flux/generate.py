@@ -55,8 +55,7 @@ class FluxGenerator:
     def run(self, request: GenerationRequest) -> list[Path]:
         log.info("Using seed: %d", request.seed)
         log.info("Mode: %s, model: %s, %dx%d, %d step(s)", request.mode, request.model, request.width, request.height, request.num_inference_steps)
-        with phase("LoRA"):
-            self.loras.prepare(request)
+        self.loras.prepare(request)
         if request.go_fast:
             log.info("go_fast: fp8 is not available in this build yet; running in bf16.")
         with phase("Denoising"):

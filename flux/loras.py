@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 
 import torch
@@ -58,6 +59,7 @@ class LoraState:
 
     def prepare(self, request: GenerationRequest) -> None:
         """Make the model for request.model carry exactly the request's LoRAs (and the other model none)."""
+        started = time.perf_counter()
         specs = self.requested(request)
         loaded = [(self._load(spec, request.model), spec.scale) for spec in specs]  # all errors before any write
         for model, fuser in self._fusers.items():
@@ -66,6 +68,8 @@ class LoraState:
         changed = self._fuser(request.model).apply(loaded)
         for spec in specs:
             log.info("%s: fused at scale %g%s", spec.input_name, spec.scale, "" if changed else " (already in place)")
+        if specs:
+            log.info("LoRAs took %.2fs", time.perf_counter() - started)
 
     def preload_default(self) -> None:
         """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it."""

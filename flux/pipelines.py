@@ -27,8 +27,9 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 log = logging.getLogger(__name__)
-# loading bars are noise in a prediction's logs
+# loading bars and diffusers' advice to developers are noise in a prediction's logs
 diffusers_logging.disable_progress_bar()
+diffusers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
 
 # Loading a model patches torch globally for a moment (accelerate's empty-weights init), so two loads in one

@@ -50,6 +50,18 @@ def typed_value(name: str, raw: str, schema: dict) -> object:
     return raw
 
 
+def validate(inputs: dict, schema: dict) -> None:
+    """Check values against the input schema before the models load, as the cog server does (its 422)."""
+    import jsonschema
+
+    document = {"$ref": "#/components/schemas/Input", "components": schema["components"]}
+    as_json = {name: str(value) if isinstance(value, Path) else value for name, value in inputs.items()}
+    error = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(document).iter_errors(as_json))
+    if error is not None:
+        name = error.path[0] if error.path else "input"
+        raise SystemExit(f"-i {name}: {error.message}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run one prediction in this process, like `cog predict`.")
     parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE", help="an input; @path for files")
@@ -60,6 +72,7 @@ def main() -> int:
     inputs = parse_inputs(args.input, schema["components"]["schemas"]["Input"]["properties"])
     if "prompt" not in inputs:
         raise SystemExit('-i prompt=... is required, e.g. script/predict -i prompt="a photo of TOK"')
+    validate(inputs, schema)
 
     from predict import Predictor, predict_with_defaults
     from weights.errors import UserError
