@@ -42,7 +42,8 @@ def typed_value(name: str, raw: str, schema: dict) -> object:
         if kind == "number":
             return float(raw)
     except ValueError:
-        raise SystemExit(f"-i {name}: expected a {kind}, got {raw!r}") from None
+        expected = "a whole number" if kind == "integer" else "a number"
+        raise SystemExit(f"-i {name}: expected {expected}, got {raw!r}") from None
     if kind == "boolean":
         if raw.lower() not in ("true", "false", "1", "0"):
             raise SystemExit(f"-i {name}: expected true or false, got {raw!r}")

@@ -1,0 +1,50 @@
+"""script/predict's CLI (cog's -i syntax), run for real in a subprocess on the tiny weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "script" / "_predict.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_predict_writes_outputs_in_the_working_directory(tmp_path, tiny_weights):
+    photo = tmp_path / "photo.png"
+    Image.effect_noise((300, 200), 40).convert("RGB").save(photo)
+    result = run_cli(
+        "-i", "prompt=a photo of TOK", "-i", "image=@photo.png", "-i", "num_inference_steps=2",
+        "-i", "num_outputs=2", "-i", "output_format=jpg", "-i", "disable_safety_checker=true", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TINY random test weights" in result.stdout + result.stderr
+    outputs = sorted(p.name for p in tmp_path.glob("output.*"))
+    assert outputs == ["output.0.jpg", "output.1.jpg"]
+    assert Image.open(tmp_path / "output.0.jpg").size == (304, 208)
+
+
+def test_output_dir_option(tmp_path, tiny_weights):
+    result = run_cli("-i", "prompt=x", "-i", "num_inference_steps=1", "-i", "megapixels=0.25", "-o", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(tmp_path / "out" / "output.0.webp").size == (512, 512)
+
+
+def test_bad_inputs_are_refused_before_loading_models(tmp_path):
+    cases = [
+        (["-i", "prompt=x", "-i", "num_outputs=9"], "num_outputs: 9 is greater than the maximum of 4"),
+        (["-i", "prompt=x", "-i", "colour=red"], "colour: unknown input"),
+        (["-i", "prompt=x", "-i", "image=@missing.png"], "does not exist"),
+        (["-i", "num_outputs=1"], "prompt=... is required"),
+        (["-i", "prompt=x", "-i", "seed=abc"], "seed: expected a whole number"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
