@@ -90,7 +90,11 @@ class FluxGenerator:
         if request.model == "dev":
             arguments["guidance_scale"] = request.guidance_scale  # schnell is distilled without guidance
         if request.image is not None:
-            arguments.update(image=request.image, strength=request.prompt_strength)
+            # diffusers runs int(steps * strength) steps and refuses zero; the last step alone keeps the image
+            strength = max(request.prompt_strength, 1 / steps)
+            if strength != request.prompt_strength:
+                log.info("prompt_strength %g leaves no step to run; running the last step only.", request.prompt_strength)
+            arguments.update(image=request.image, strength=strength)
         if request.mask is not None:
             arguments["mask_image"] = request.mask
         with torch.inference_mode():

@@ -88,6 +88,15 @@ def test_img2img_uses_the_input_size_and_strength(predictor, tmp_path):
     assert weak.tolist() != strong.tolist()
 
 
+def test_prompt_strength_zero_runs_and_stays_close_to_the_input(predictor, tmp_path):
+    source = tmp_path / "in.png"
+    Image.effect_noise((256, 256), 60).convert("RGB").save(source)
+    kept = pixels(predict_with_defaults(predictor, **FAST, seed=6, image=source, prompt_strength=0, output_format="png")[0])
+    redrawn = pixels(predict_with_defaults(predictor, **FAST, seed=6, image=source, prompt_strength=1, output_format="png")[0])
+    original = pixels(source)
+    assert np.abs(kept - original).mean() < np.abs(redrawn - original).mean()
+
+
 def test_inpaint_depends_on_the_mask(predictor, tmp_path):
     source, left, right = tmp_path / "in.png", tmp_path / "left.png", tmp_path / "right.png"
     Image.effect_noise((256, 256), 60).convert("RGB").save(source)
