@@ -342,3 +342,19 @@ def test_local_paths(
     monkeypatch.setenv("FLUX_LORA_LOCAL_DIRS", str(tmp_path / "elsewhere"))
     with pytest.raises(UserError, match="must be inside FLUX_LORA_LOCAL_DIRS"):
         fetch("./loras/style.safetensors")
+
+
+def test_operator_configured_endpoints_may_be_private_but_user_urls_may_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_ENDPOINT on loopback (a self-hosted mirror) works without FLUX_ALLOW_PRIVATE_URLS; a user's URL does not."""
+    monkeypatch.delenv("FLUX_ALLOW_PRIVATE_URLS", raising=False)
+    hub, files = HubServer(), FileServer()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        hub.add_repo("alice/style", {"lora.safetensors": LORA_A})
+        assert fetch("huggingface.co/alice/style").read_bytes() == LORA_A
+        url = files.add("/style.safetensors", LORA_A)
+        with pytest.raises(UserError, match="extra_lora: .*(private|loopback|local)"):
+            fetch(url)
+    finally:
+        hub.close()
+        files.close()

@@ -14,7 +14,8 @@ How one download goes:
 
 Guards: http(s) only. The peer address of every connection is checked after connecting (which covers DNS
 tricks and redirects): private, loopback, link-local and reserved addresses are refused unless
-FLUX_ALLOW_PRIVATE_URLS=1. A size cap per file. Connect and read timeouts and an overall deadline. No proxies
+FLUX_ALLOW_PRIVATE_URLS=1, or the download starts at a base URL the operator configured (HF_ENDPOINT,
+FLUX_CIVITAI_BASE_URL, FLUX_REPLICATE_BASE_URL: e.g. a self-hosted mirror). A size cap per file. Connect and read timeouts and an overall deadline. No proxies
 or .netrc from the environment. Logs and errors show URLs without their query string (signed URLs carry
 their signature there) and never show headers, so tokens stay out of both.
 
@@ -65,6 +66,7 @@ MiB = 1 << 20
 _READ_BYTES = 1 << 20
 _MAX_REDIRECTS = 10
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+TRUSTED_BASE_URL_VARIABLES = ("HF_ENDPOINT", "FLUX_CIVITAI_BASE_URL", "FLUX_REPLICATE_BASE_URL")
 _PART_NAME = "download.part"
 
 
@@ -120,6 +122,9 @@ class DownloadSettings:
     retries: int = 2
     retry_backoff_s: float = 0.5
     allow_private: bool = False
+    # Origins (scheme, host, port) the operator configured as base URLs: downloads that start there may use
+    # private addresses (a self-hosted Hub mirror and its storage), while user-given URLs may not.
+    trusted_origins: frozenset[tuple[str, str, int]] = frozenset()
     progress_interval_s: float = 5.0
 
     @classmethod
@@ -132,6 +137,11 @@ class DownloadSettings:
             total_timeout_s=env_number("FLUX_DOWNLOAD_TIMEOUT_S", 1800),
             retries=max(0, int(env_number("FLUX_DOWNLOAD_RETRIES", 2))),
             allow_private=env_flag("FLUX_ALLOW_PRIVATE_URLS"),
+            trusted_origins=frozenset(
+                url_origin(os.environ[name].strip())
+                for name in TRUSTED_BASE_URL_VARIABLES
+                if os.environ.get(name, "").strip()
+            ),
         )
 
     def plan_chunks(self, total: int, first_end: int) -> list[tuple[int, int]]:
@@ -327,7 +337,7 @@ class Downloader:
         )
 
         def attempt() -> Any:
-            with contextlib.closing(self._new_session()) as session:
+            with contextlib.closing(self._new_session(job)) as session:
                 response, _final, _ = self._open(session, job.url, job, {})
                 with contextlib.closing(response):
                     if response.status_code != 200:
@@ -370,10 +380,11 @@ class Downloader:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _new_session(self) -> requests.Session:
+    def _new_session(self, job: _Job) -> requests.Session:
         session = requests.Session()
         session.trust_env = False  # no proxies or .netrc credentials picked up from the environment
-        adapter = HTTPAdapter(max_retries=0) if self.settings.allow_private else _PublicOnlyAdapter(max_retries=0)
+        private_ok = self.settings.allow_private or job.origin in self.settings.trusted_origins
+        adapter = HTTPAdapter(max_retries=0) if private_ok else _PublicOnlyAdapter(max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers["User-Agent"] = "flux-lora-predictor"
@@ -409,7 +420,7 @@ class Downloader:
 
     def _attempt(self, job: _Job, work: Work) -> Path:
         dest = work.dir / _PART_NAME
-        with contextlib.closing(self._new_session()) as session:
+        with contextlib.closing(self._new_session(job)) as session:
             probe = {"Range": f"bytes=0-{self.settings.probe_bytes - 1}"}
             response, final_url, _ = self._open(session, job.url, job, probe)
             with contextlib.closing(response):
@@ -462,7 +473,7 @@ class Downloader:
 
         def session_of_this_thread() -> requests.Session:
             if not hasattr(local, "session"):
-                local.session = self._new_session()
+                local.session = self._new_session(job)
                 sessions.append(local.session)
             return local.session
 
