@@ -66,8 +66,9 @@ class LoraState:
             if model != request.model:
                 fuser.reset()  # the text encoder is shared between dev and schnell
         changed = self._fuser(request.model).apply(loaded)
-        for spec in specs:
-            log.info("%s: fused at scale %g%s", spec.input_name, spec.scale, "" if changed else " (already in place)")
+        for spec, (weights, _) in zip(specs, loaded, strict=True):
+            state = "not applied" if spec.scale == 0 else "fused" if changed else "already in place"
+            log.info("%s: %d modules, scale %g, %s", spec.input_name, len(weights.deltas), spec.scale, state)
         if specs:
             log.info("LoRAs took %.2fs", time.perf_counter() - started)
 
