@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import OrderedDict
 
 import torch
@@ -59,7 +58,6 @@ class LoraState:
 
     def prepare(self, request: GenerationRequest) -> None:
         """Make the model for request.model carry exactly the request's LoRAs (and the other model none)."""
-        started = time.perf_counter()
         specs = self.requested(request)
         loaded = [(self._load(spec, request.model), spec.scale) for spec in specs]  # all errors before any write
         for model, fuser in self._fusers.items():
@@ -69,8 +67,7 @@ class LoraState:
         for spec, (weights, _) in zip(specs, loaded, strict=True):
             state = "not applied" if spec.scale == 0 else "fused" if changed else "already in place"
             log.info("%s: %d modules, scale %g, %s", spec.input_name, len(weights.deltas), spec.scale, state)
-        if specs:
-            log.info("LoRAs took %.2fs", time.perf_counter() - started)
+
 
     def preload_default(self) -> None:
         """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it."""
@@ -92,7 +89,6 @@ class LoraState:
             text_encoder=self._pipelines.text_encoder,
             identity=identity,
         )
-        log.info("%s: %s", spec.input_name, weights.describe())
         self._converted[key] = weights
         while len(self._converted) > self._memory_slots:
             self._converted.popitem(last=False)
