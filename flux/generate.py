@@ -113,10 +113,10 @@ class FluxGenerator:
         if request.model == "dev":
             arguments["guidance_scale"] = request.guidance_scale  # schnell is distilled without guidance
         if request.image is not None:
-            # diffusers runs int(steps * strength) steps and refuses zero; the last step alone keeps the image
-            strength = max(request.prompt_strength, 1 / steps)
-            if strength != request.prompt_strength:
-                log.info("prompt_strength %g leaves no step to run; running the last step only.", request.prompt_strength)
+            strength = request.prompt_strength
+            if strength == 0:  # diffusers refuses to run zero steps; the last step alone keeps the image
+                log.info("prompt_strength 0: running only the last step, so the image stays almost as it is.")
+                strength = 1 / steps
             arguments.update(image=request.image, strength=strength)
         if request.mask is not None:
             arguments["mask_image"] = request.mask
