@@ -75,7 +75,9 @@ class LoraState:
             self._load(LoraSpec(self.default_main, 1.0, MAIN_INPUT), "dev")
 
     def _load(self, spec: LoraSpec, model: str) -> LoraWeights:
-        path = fetch_lora(spec.source, input_name=spec.input_name)
+        # the deployment's default LoRA is the operator's choice, so it may be any local file (e.g. baked in)
+        operator_given = spec.source == self.default_main
+        path = fetch_lora(spec.source, input_name=spec.input_name, allow_any_local_path=operator_given)
         stat = path.stat()
         identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
         key = (identity, model)

@@ -11,8 +11,10 @@ Sources (parsed by `lora.sources`) and where their bytes come from:
 - CivitAI: `{FLUX_CIVITAI_BASE_URL}/api/download/models/{version}?type=Model&format=SafeTensor`. For a model id
   without a version, `/api/v1/models/{id}` gives the newest version and its SafeTensor file's SHA-256.
   CIVITAI_API_TOKEN, if set, is sent as `Authorization: Bearer` (so it is in no URL) to the CivitAI host only.
-- other http(s) URLs, data: URIs, and local paths (self-hosting; FLUX_LORA_LOCAL_DIRS, a list separated by
-  `os.pathsep`, limits them to those folders).
+- other http(s) URLs, data: URIs, and local paths. A request may name a local path only inside the folders of
+  FLUX_LORA_LOCAL_DIRS (separated by `os.pathsep`; unset: none), so a hosted server never reads, or reveals the
+  existence of, its own files for a user. The operator's own sources (the deployment's default LoRA) pass
+  `allow_any_local_path=True`.
 A downloaded file may be a .safetensors or a tar holding exactly one; the content decides, not the name.
 Pickle checkpoints (.ckpt/.pt/.bin) are refused. Every file's safetensors header is checked.
 
@@ -85,10 +87,12 @@ def lora_downloader() -> Downloader:
     return Downloader(cache, DownloadSettings.from_env())
 
 
-def fetch_lora(source: str, *, input_name: str, downloader: Downloader | None = None) -> Path:
+def fetch_lora(
+    source: str, *, input_name: str, downloader: Downloader | None = None, allow_any_local_path: bool = False
+) -> Path:
     """The path of a local, checked .safetensors file for a LoRA source string. UserError on bad input."""
     parsed = parse_source(source, input_name=input_name)
-    fetcher = _Fetcher(parsed, input_name, downloader or lora_downloader())
+    fetcher = _Fetcher(parsed, input_name, downloader or lora_downloader(), allow_any_local_path)
     result = fetcher.run()
     how = "cache hit" if result.cache_hit else "downloaded"
     if isinstance(parsed, LocalPathSource) and result.path == fetcher.local_path:
@@ -118,8 +122,9 @@ def pick_hf_file(paths: list[str], *, repo_id: str, input_name: str) -> str:
 
 
 class _Fetcher:
-    def __init__(self, source: LoraSource, input_name: str, downloader: Downloader) -> None:
+    def __init__(self, source: LoraSource, input_name: str, downloader: Downloader, allow_any_local_path: bool) -> None:
         self.source = source
+        self.allow_any_local_path = allow_any_local_path
         self.input_name = input_name
         self.downloader = downloader
         self.max_size = int(env_number("FLUX_LORA_MAX_GB", 3) * GB)
@@ -291,7 +296,12 @@ class _Fetcher:
         allowed = [
             Path(d).expanduser().resolve() for d in os.environ.get("FLUX_LORA_LOCAL_DIRS", "").split(os.pathsep) if d
         ]
-        if allowed and not any(path.is_relative_to(folder) for folder in allowed):
+        if not self.allow_any_local_path and not any(path.is_relative_to(folder) for folder in allowed):
+            if not allowed:
+                raise self._error(
+                    "local file paths are not accepted by this server; give a URL, a Hugging Face, CivitAI or "
+                    "Replicate reference (operators: FLUX_LORA_LOCAL_DIRS names folders LoRAs may come from)"
+                )
             raise self._error(f"local LoRA paths must be inside FLUX_LORA_LOCAL_DIRS; {source.path} is not")
         if not path.is_file():
             raise self._error(f"no such file: {source.path}")

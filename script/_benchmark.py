@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["FLUX_WEIGHTS"] = "tiny"
+os.environ.setdefault("FLUX_LORA_LOCAL_DIRS", tempfile.gettempdir())  # the benchmark's LoRAs are local files
 
 PROMPT = "a photo of TOK riding a bicycle"
 REQUEST = {"prompt": PROMPT, "num_inference_steps": 4, "seed": 1, "guidance_scale": 3.5}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -75,6 +76,8 @@ def main() -> int:
         raise SystemExit('-i prompt=... is required, e.g. script/predict -i prompt="a photo of TOK"')
     validate(inputs, schema)
 
+    # the person at this terminal owns the machine: local LoRA files are fine here (servers default to none)
+    os.environ.setdefault("FLUX_LORA_LOCAL_DIRS", os.sep)
     from predict import Predictor, predict_with_defaults
     from weights.errors import UserError
 

@@ -328,6 +328,14 @@ def test_local_paths(
     (loras / "style.safetensors").write_bytes(LORA_A)
     (loras / "trained_model.tar").write_bytes(make_tar({"output/lora.safetensors": LORA_B}))
     (loras / "fake.safetensors").write_bytes(PICKLE_BYTES)
+    monkeypatch.delenv("FLUX_LORA_LOCAL_DIRS", raising=False)
+    with pytest.raises(UserError, match="extra_lora: local file paths are not accepted by this server"):
+        fetch(str(loras / "style.safetensors"))
+    with pytest.raises(UserError, match="not accepted") as refused:
+        fetch("/etc/passwd")  # no file content and no hint of whether it exists
+    assert "root" not in str(refused.value) and "no such file" not in str(refused.value)
+    assert fetch_lora(str(loras / "style.safetensors"), input_name="replicate_weights", allow_any_local_path=True).exists()
+    monkeypatch.setenv("FLUX_LORA_LOCAL_DIRS", str(tmp_path))
     with caplog.at_level(logging.INFO, logger="lora.fetch"):
         assert fetch(str(loras / "style.safetensors")) == loras / "style.safetensors"  # used in place
     assert fetch_lines(caplog)[-1].endswith("local file")
