@@ -120,3 +120,13 @@ def test_after_loras_the_output_equals_a_fresh_process(predictor, lora_urls, tmp
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
     fresh = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("SHA ")]
     assert fresh == [ours], result.stderr[-2000:]
+
+
+def test_switching_models_takes_the_lora_off_the_shared_text_encoder(predictor, lora_urls):
+    """dev and schnell share CLIP: a LoRA fused into it for dev must be gone for a plain schnell request."""
+    schnell_plain = image_bytes(predictor, model="schnell")
+    image_bytes(predictor, replicate_weights=lora_urls["diffusers"])  # this LoRA also changes the text encoder
+    assert image_bytes(predictor, model="schnell") == schnell_plain
+    with_lora_on_schnell = image_bytes(predictor, model="schnell", replicate_weights=lora_urls["diffusers"])
+    assert with_lora_on_schnell != schnell_plain
+    assert image_bytes(predictor, model="schnell") == schnell_plain
