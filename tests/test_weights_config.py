@@ -1,0 +1,46 @@
+"""Where weights come from: the tiny ones, a configured folder, and missing components fetched from a Hub."""
+
+from __future__ import annotations
+
+from tests.fixtures.servers import HubServer
+from weights.config import resolve_weight_paths
+from weights.manifest import MANIFEST
+
+pytest_plugins = ["tests.fixtures.servers"]
+
+
+def test_tiny_is_the_default_without_gpu(monkeypatch, tiny_weights):
+    monkeypatch.delenv("FLUX_WEIGHTS", raising=False)
+    monkeypatch.delenv("FLUX_WEIGHTS_DIR", raising=False)
+    assert resolve_weight_paths(cuda_available=False) == tiny_weights
+
+
+def test_configured_folder_is_used_and_missing_parts_come_from_the_hub(monkeypatch, tmp_path, tiny_weights):
+    """FLUX_WEIGHTS_DIR with the FLUX folders present and the safety folders missing: those are downloaded
+    with huggingface_hub (through HF_ENDPOINT, here a local Hub) into the folder, under the manifest's names."""
+    root = tmp_path / "weights"
+    root.mkdir()
+    (root / MANIFEST["dev"].folder).symlink_to(tiny_weights.dev)
+    (root / MANIFEST["schnell"].folder).symlink_to(tiny_weights.schnell)
+    hub = HubServer()
+    try:
+        for name, local in (("safety_stage1", tiny_weights.safety_stage1), ("safety_stage2", tiny_weights.safety_stage2)):
+            files = {path.name: path.read_bytes() for path in local.iterdir() if path.is_file() and not path.name.startswith(".")}
+            hub.add_repo(MANIFEST[name].repo_id, {**files, "pytorch_model.bin": b"not fetched"})
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        monkeypatch.delenv("FLUX_WEIGHTS", raising=False)
+        monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(root))
+        paths = resolve_weight_paths(cuda_available=False)
+    finally:
+        hub.close()
+    assert not paths.tiny and paths.dev == root / "FLUX.1-dev"
+    stage1 = root / MANIFEST["safety_stage1"].folder
+    assert paths.safety_stage1 == stage1
+    assert (stage1 / "model.safetensors").read_bytes() == (tiny_weights.safety_stage1 / "model.safetensors").read_bytes()
+    assert not (stage1 / "pytorch_model.bin").exists()  # only the manifest's patterns are fetched
+    assert not list(root.glob(".*.partial"))
+
+    from safety.checker import SafetyChecker
+
+    SafetyChecker.load(paths.safety_stage1, paths.safety_stage2, "cpu")  # what was fetched loads
