@@ -8,6 +8,7 @@ staging folder, which the next builder removes.
 from __future__ import annotations
 
 import fcntl
+import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -60,6 +61,11 @@ class RepoBuild:
             built.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_json(path: Path, data: object) -> None:
+    """Deterministic JSON (sorted keys), as generated repos need for byte-identical rebuilds."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 @contextmanager

@@ -14,7 +14,6 @@ Everything is a pure function of fixed seeds and the built-in corpus: two builds
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -24,7 +23,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from weights.builds import RepoBuild
+from weights.builds import RepoBuild, write_json
 
 BUILD = RepoBuild("tiny-flux", version="2")  # bump the version whenever the generated files change
 FORMAT_VERSION, MARKER_FILE, PARTIAL_PREFIX = BUILD.version, BUILD.marker, BUILD.staging_prefix
@@ -157,7 +156,7 @@ def ensure_tiny_flux(root: Path) -> dict[str, Path]:
 def _write_repo(repo_dir: Path, variant: str, shared_from: Path | None = None) -> None:
     """Write one complete repo (RepoBuild adds the completion marker)."""
     repo_dir.mkdir(parents=True)
-    _write_json(repo_dir / "model_index.json", MODEL_INDEX)
+    write_json(repo_dir / "model_index.json", MODEL_INDEX)
     _write_scheduler(repo_dir / "scheduler", variant)
     _save_model(tiny_transformer(variant == "dev", TRANSFORMER_SEEDS[variant]), repo_dir / "transformer")
     if shared_from is not None:
@@ -278,10 +277,10 @@ def _write_clip_tokenizer(directory: Path) -> int:
     vocab = {token: index for index, token in enumerate(tokens)}
 
     directory.mkdir(parents=True)
-    _write_json(directory / "vocab.json", vocab)
+    write_json(directory / "vocab.json", vocab)
     merge_lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
     (directory / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
-    _write_json(
+    write_json(
         directory / "special_tokens_map.json",
         {
             "bos_token": _added_token(CLIP_BOS),
@@ -290,7 +289,7 @@ def _write_clip_tokenizer(directory: Path) -> int:
             "unk_token": _added_token(CLIP_EOS),
         },
     )
-    _write_json(
+    write_json(
         directory / "tokenizer_config.json",
         {
             "add_prefix_space": False,
@@ -373,7 +372,7 @@ def _write_t5_tokenizer(directory: Path) -> int:
     directory.mkdir(parents=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     extra_ids = [f"<extra_id_{index}>" for index in range(T5_EXTRA_IDS)]
-    _write_json(
+    write_json(
         directory / "special_tokens_map.json",
         {
             "additional_special_tokens": extra_ids,
@@ -382,7 +381,7 @@ def _write_t5_tokenizer(directory: Path) -> int:
             "unk_token": _added_token(T5_UNK),
         },
     )
-    _write_json(
+    write_json(
         directory / "tokenizer_config.json",
         {
             "add_prefix_space": True,
@@ -420,10 +419,6 @@ def _unigram_pieces(words: list[str], max_piece_length: int = 8) -> list[tuple[s
 
 def _added_token(content: str) -> dict[str, Any]:
     return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str]) -> None:

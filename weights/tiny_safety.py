@@ -19,12 +19,11 @@ Tests can steer further through the real knobs: stage 1's concept thresholds and
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from weights.builds import RepoBuild
+from weights.builds import RepoBuild, write_json
 from weights.tiny import default_tiny_root
 
 BUILD = RepoBuild("tiny-safety", version="1")  # bump the version whenever the generated files change
@@ -94,7 +93,7 @@ def _write_stage1_repo(repo_dir: Path) -> None:
     # The real checkpoint predates transformers 5 and nests the CLIP vision tower as vision_model.vision_model.
     state = {_legacy_stage1_key(key): tensor.contiguous() for key, tensor in model.state_dict().items()}
     save_file(state, repo_dir / "model.safetensors", metadata={"format": "pt"})
-    _write_json(repo_dir / "preprocessor_config.json", STAGE1_PREPROCESSOR)
+    write_json(repo_dir / "preprocessor_config.json", STAGE1_PREPROCESSOR)
 
 
 def _legacy_stage1_key(key: str) -> str:
@@ -105,7 +104,7 @@ def _write_stage2_repo(repo_dir: Path) -> None:
     model = tiny_stage2_model()
     repo_dir.mkdir(parents=True)
     model.save_pretrained(repo_dir)  # transformers writes ViT under the original (pre-5) key names
-    _write_json(repo_dir / "preprocessor_config.json", STAGE2_PREPROCESSOR)
+    write_json(repo_dir / "preprocessor_config.json", STAGE2_PREPROCESSOR)
 
 
 def tiny_stage1_model():
@@ -226,10 +225,6 @@ def _unit_axis(axis: int, size: int):
     vector = torch.zeros(size)
     vector[axis] = 1.0
     return vector
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str]) -> None:
