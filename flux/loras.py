@@ -68,7 +68,6 @@ class LoraState:
             state = "not applied" if spec.scale == 0 else "fused" if changed else "already in place"
             log.info("%s: %d modules, scale %g, %s", spec.input_name, len(weights.deltas), spec.scale, state)
 
-
     def preload_default(self) -> None:
         """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it."""
         if self.default_main:

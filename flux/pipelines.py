@@ -46,9 +46,12 @@ def pick_device() -> torch.device:
 
 def pick_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU, as FLUX ships. On CPU fp32, which is faster there and exact; FLUX_DTYPE overrides."""
-    override = os.environ.get("FLUX_DTYPE", "").strip()
+    choices = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    override = os.environ.get("FLUX_DTYPE", "").strip().lower()
+    if override and override not in choices:
+        raise ValueError(f"FLUX_DTYPE={override!r} is not one of {', '.join(choices)}")
     if override:
-        return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}[override]
+        return choices[override]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
