@@ -76,5 +76,11 @@ def download_real_weights(root: Path, names: list[str]) -> None:
         target = root / source.folder
         staging = root / f".{source.folder}.partial"
         log.info("Downloading %s from %s into %s", name, source.repo_id, target)
-        snapshot_download(source.repo_id, local_dir=staging, allow_patterns=list(source.allow_patterns), max_workers=8)
+        snapshot_download(
+            source.repo_id,
+            local_dir=staging,
+            allow_patterns=list(source.allow_patterns),
+            max_workers=8,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,  # huggingface_hub reads it only once, at import
+        )
         staging.rename(target)  # only a complete download ever gets the real name
