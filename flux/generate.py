@@ -80,7 +80,7 @@ class FluxGenerator:
         log.info("Mode: %s, model: %s, %dx%d, %d step(s)", request.mode, request.model, request.width, request.height, request.num_inference_steps)
         self.loras.prepare(request)
         if request.go_fast:
-            log.info("go_fast: fp8 is not available in this build yet; running in bf16.")
+            log.info("go_fast: fp8 is not available in this build yet; running in %s.", str(self.dtype).removeprefix("torch."))
         with phase("Denoising"):
             images = self._denoise(request)
         out_dir = self._fresh_output_dir()
