@@ -36,6 +36,8 @@ def typed_value(name: str, raw: str, schema: dict) -> object:
         if not path.is_file():
             raise SystemExit(f"-i {name}: file {path} does not exist")
         return path.resolve()
+    if schema.get("format") == "uri" and raw.startswith(("http://", "https://")):
+        return download(name, raw)
     kind = schema.get("type")
     try:
         if kind == "integer":
@@ -50,6 +52,27 @@ def typed_value(name: str, raw: str, schema: dict) -> object:
             raise SystemExit(f"-i {name}: expected true or false, got {raw!r}")
         return raw.lower() in ("true", "1")
     return raw
+
+
+def download(name: str, url: str, max_bytes: int = 100 * 2**20) -> Path:
+    """A file input given as a URL, as `cog predict` accepts: fetched once into a temp file."""
+    import tempfile
+
+    import requests
+
+    suffix = Path(url.split("?", 1)[0]).suffix[:8]
+    target = Path(tempfile.mkdtemp(prefix="flux-input-")) / f"{name}{suffix}"
+    try:
+        with requests.get(url, stream=True, timeout=(10, 60)) as response:
+            response.raise_for_status()
+            with target.open("wb") as file:
+                for chunk in response.iter_content(1 << 20):
+                    file.write(chunk)
+                    if file.tell() > max_bytes:
+                        raise SystemExit(f"-i {name}: the file at that URL is over {max_bytes >> 20} MB")
+    except requests.RequestException as error:
+        raise SystemExit(f"-i {name}: could not download it ({type(error).__name__})") from None
+    return target
 
 
 def validate(inputs: dict, schema: dict) -> None:

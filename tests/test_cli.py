@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.fixtures.servers"]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -29,6 +30,17 @@ def test_predict_writes_outputs_in_the_working_directory(tmp_path, tiny_weights)
     outputs = sorted(p.name for p in tmp_path.glob("output.*"))
     assert outputs == ["output.0.jpg", "output.1.jpg"]
     assert Image.open(tmp_path / "output.0.jpg").size == (304, 208)
+
+
+def test_file_input_as_a_url(tmp_path, tiny_weights, file_server):
+    from io import BytesIO
+
+    buffer = BytesIO()
+    Image.effect_noise((320, 240), 40).convert("RGB").save(buffer, "PNG")
+    url = file_server.add("/photo.png", buffer.getvalue())
+    result = run_cli("-i", "prompt=x", "-i", f"image={url}", "-i", "num_inference_steps=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(tmp_path / "output.0.webp").size == (320, 240)
 
 
 def test_output_dir_option(tmp_path, tiny_weights):
