@@ -46,7 +46,6 @@ class FluxGenerator:
             )
         self.device = pick_device()
         self.dtype = pick_dtype(self.device)
-        self.weights = weights
         self.pipelines = FluxPipelines(weights.dev, weights.schnell, self.device, self.dtype)
         with MODEL_LOADING:
             self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)

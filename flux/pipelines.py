@@ -106,10 +106,6 @@ class FluxPipelines:
     def text_encoder(self) -> torch.nn.Module:
         return self._txt2img["dev"].text_encoder
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return self._txt2img["dev"].vae_scale_factor
-
     def get(self, model: str, mode: str) -> FluxPipeline:
         base = self._base(model)
         if mode == "txt2img":

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from flux.images import prepare_image, prepare_mask
-from flux.seeds import resolve_seed
+from flux.seeds import batch_seeds, resolve_seed
 from flux.sizes import ASPECT_RATIOS, MEGAPIXELS, output_size
 from weights.errors import UserError
 
@@ -67,7 +67,7 @@ class GenerationRequest:
 
     @property
     def seeds(self) -> list[int]:
-        return [self.seed + i for i in range(self.num_outputs)]
+        return batch_seeds(self.seed, self.num_outputs)
 
 
 def build_request(

@@ -48,7 +48,6 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNot
 from huggingface_hub.hf_api import RepoFile
 
 from lora.sources import (
-    PICKLE_SUFFIXES,
     CivitAISource,
     DataUriSource,
     HuggingFaceSource,
@@ -68,7 +67,7 @@ from weights.download import (
     Resolved,
 )
 from weights.errors import UserError
-from weights.files import check_safetensors, extract_single_safetensors, sniff_format
+from weights.files import PICKLE_SUFFIXES, check_safetensors, extract_single_safetensors, sniff_format
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit, urlunsplit
 
 from weights.errors import UserError
+from weights.files import PICKLE_SUFFIXES
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _ACCEPTED_FILE_SUFFIXES = (".safetensors", ".tar")
 
 _HF_HOSTS = {"huggingface.co", "hf.co"}

@@ -11,7 +11,7 @@ import pytest
 from tests.fixtures.cog_server import start_cog_server, stop_cog_server
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_ROOT = Path(os.environ.setdefault("FLUX_TINY_WEIGHTS_DIR", str(ROOT / ".cache" / "tiny-weights")))
+os.environ.setdefault("FLUX_TINY_WEIGHTS_DIR", str(ROOT / ".cache" / "tiny-weights"))
 os.environ["FLUX_WEIGHTS"] = "tiny"  # never real weights in tests, even on a GPU box
 # downloaded LoRAs go to a throw-away cache; the local protocol servers live on loopback
 os.environ["FLUX_LORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="flux-lora-cache-")

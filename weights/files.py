@@ -19,7 +19,7 @@ MiB = 1 << 20
 _READ_BYTES = 1 << 20
 
 _MAX_SAFETENSORS_HEADER = 100 * MiB
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # names of pickled checkpoints
 
 
 def sniff_format(path: Path) -> str:
@@ -108,7 +108,7 @@ def extract_single_safetensors(
                 lower = member.name.lower()
                 if member.isfile() and lower.endswith(".safetensors"):
                     candidates.append(member)
-                elif member.isfile() and lower.endswith(_PICKLE_SUFFIXES):
+                elif member.isfile() and lower.endswith(PICKLE_SUFFIXES):
                     refused_formats.append(member.name)
         except tarfile.TarError:
             raise UserError(f"{input_name}: the tar archive is damaged or truncated") from None
