@@ -23,9 +23,9 @@ class Predictor(BasePredictor):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         # imported here so that reading the schema (script/schema) does not load torch
         from flux.generate import FluxGenerator
-        from flux.loras import default_main_lora
+        from flux.lora_state import default_main_lora
         from flux.pipelines import pick_device
-        from weights.config import resolve_weight_paths
+        from weights.locations import resolve_weight_paths
 
         paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
         self.generator = FluxGenerator(paths, default_lora=default_main_lora(weights))
@@ -259,16 +259,3 @@ class LegacyPredictor(Predictor):
 def locals_without_self(names: dict) -> dict:
     return {name: value for name, value in names.items() if name not in ("self", "__class__")}
 
-
-def predict_with_defaults(predictor: BasePredictor, **inputs: object) -> List[Path]:
-    """Call predict() as cog would: omitted inputs take their declared defaults (not FieldInfo objects)."""
-    import inspect
-
-    parameters = inspect.signature(predictor.predict).parameters
-    unknown = sorted(set(inputs) - set(parameters))
-    if unknown:
-        raise ValueError(f"unknown input(s) {', '.join(unknown)}; valid inputs: {', '.join(parameters)}")
-    resolved = {}
-    for name, parameter in parameters.items():
-        resolved[name] = inputs[name] if name in inputs else parameter.default.default
-    return predictor.predict(**resolved)

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from flux.loras import LoraState, safe_display
+from flux.lora_state import LoraState, safe_display
 from flux.output import save_images
 from flux.pipelines import MAX_SEQUENCE_LENGTH, MODEL_LOADING, FluxPipelines, pick_device, pick_dtype
 from flux.request import GenerationRequest
 from safety.checker import SafetyChecker
-from weights.config import WeightPaths
+from weights.locations import WeightPaths
 
 log = logging.getLogger(__name__)
 

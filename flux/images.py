@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from errors import UserError
 from flux.sizes import MIN_IMAGE_SIDE, fit_image_size
-from weights.errors import UserError
 
 MAX_INPUT_PIXELS = 50_000_000  # a decompression-bomb guard; a 50 MP photo is already far beyond 1440x1440
 

@@ -9,7 +9,6 @@ torch globally, so two loads must never overlap); the first schnell request wait
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +24,8 @@ from diffusers import (
 )
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
+
+import settings
 
 log = logging.getLogger(__name__)
 # loading bars and diffusers' advice to developers are noise in a prediction's logs
@@ -47,7 +48,7 @@ def pick_device() -> torch.device:
 def pick_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU, as FLUX ships. On CPU fp32, which is faster there and exact; FLUX_DTYPE overrides."""
     choices = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-    override = os.environ.get("FLUX_DTYPE", "").strip().lower()
+    override = settings.text("FLUX_DTYPE").lower()
     if override and override not in choices:
         raise ValueError(f"FLUX_DTYPE={override!r} is not one of {', '.join(choices)}")
     if override:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from errors import UserError
 from flux.images import prepare_image, prepare_mask
 from flux.seeds import batch_seeds, resolve_seed
 from flux.sizes import ASPECT_RATIOS, MEGAPIXELS, output_size
-from weights.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from weights.errors import UserError
+from errors import UserError
 
 # Width x height at 1 megapixel, as on the Replicate model pages.
 SIZES_1MP: dict[str, tuple[int, int]] = {

@@ -32,7 +32,7 @@ commit to pin one. Environment:
   FLUX_LORA_MAX_GB         largest LoRA file accepted (3)
   FLUX_REPLICATE_BASE_URL  (https://replicate.com)   FLUX_CIVITAI_BASE_URL (https://civitai.com)
   HF_ENDPOINT              (https://huggingface.co)
-plus the downloader's settings (weights.download).
+plus the downloader's settings (lora.download.downloader).
 """
 
 from __future__ import annotations
@@ -47,6 +47,18 @@ from huggingface_hub import HfApi, get_token, hf_hub_url
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
+import settings
+from errors import UserError
+from lora.download.cache import GB, MB, FileCache
+from lora.download.checks import PICKLE_SUFFIXES, check_safetensors, extract_single_safetensors, sniff_format
+from lora.download.downloader import (
+    Downloader,
+    DownloadError,
+    DownloadSettings,
+    FetchResult,
+    HTTPStatusError,
+    Resolved,
+)
 from lora.sources import (
     CivitAISource,
     DataUriSource,
@@ -57,17 +69,6 @@ from lora.sources import (
     UrlSource,
     parse_source,
 )
-from weights.cache import GB, MB, FileCache, env_number
-from weights.download import (
-    Downloader,
-    DownloadError,
-    DownloadSettings,
-    FetchResult,
-    HTTPStatusError,
-    Resolved,
-)
-from weights.errors import UserError
-from weights.files import PICKLE_SUFFIXES, check_safetensors, extract_single_safetensors, sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,10 @@ _LORA_FILE = "lora.safetensors"
 
 def lora_downloader() -> Downloader:
     """The downloader and cache configured by the environment (read on each call, so tests can set it)."""
-    cache = FileCache.from_env(
-        dir_var="FLUX_LORA_CACHE_DIR",
-        max_gb_var="FLUX_LORA_CACHE_MAX_GB",
-        default_dir="~/.cache/flux/loras",
-        default_max_gb=20,
+    cache = FileCache(
+        Path(settings.text("FLUX_LORA_CACHE_DIR")).expanduser(),
+        max_bytes=int(settings.number("FLUX_LORA_CACHE_MAX_GB") * GB),
+        min_free_bytes=int(settings.number("FLUX_CACHE_MIN_FREE_GB") * GB),
     )
     return Downloader(cache, DownloadSettings.from_env())
 
@@ -126,7 +126,7 @@ class _Fetcher:
         self.allow_any_local_path = allow_any_local_path
         self.input_name = input_name
         self.downloader = downloader
-        self.max_size = int(env_number("FLUX_LORA_MAX_GB", 3) * GB)
+        self.max_size = int(settings.number("FLUX_LORA_MAX_GB") * GB)
         self.local_path: Path | None = None
 
     def run(self) -> FetchResult:
@@ -146,9 +146,9 @@ class _Fetcher:
     # -------------------------------------------------------------- per source
 
     def _replicate(self, source: ReplicateSource) -> FetchResult:
-        base = _base_url("FLUX_REPLICATE_BASE_URL", "https://replicate.com")
+        base = _base_url("FLUX_REPLICATE_BASE_URL")
         path = f"{source.owner}/{source.model}" + (f"/versions/{source.version}" if source.version else "")
-        token = os.environ.get("REPLICATE_API_TOKEN", "").strip()
+        token = settings.text("REPLICATE_API_TOKEN")
         try:
             return self._download(f"{base}/{path}/_weights", auth=_bearer(token))
         except HTTPStatusError as exc:
@@ -165,7 +165,7 @@ class _Fetcher:
             raise
 
     def _huggingface(self, source: HuggingFaceSource) -> FetchResult:
-        endpoint = _base_url("HF_ENDPOINT", "https://huggingface.co")
+        endpoint = _base_url("HF_ENDPOINT")
         token = get_token()
         revision = source.revision or "main"
 
@@ -222,8 +222,8 @@ class _Fetcher:
             ) from None
 
     def _civitai(self, source: CivitAISource) -> FetchResult:
-        base = _base_url("FLUX_CIVITAI_BASE_URL", "https://civitai.com")
-        auth = _bearer(os.environ.get("CIVITAI_API_TOKEN", "").strip())
+        base = _base_url("FLUX_CIVITAI_BASE_URL")
+        auth = _bearer(settings.text("CIVITAI_API_TOKEN"))
 
         def resolve() -> Resolved:
             version_id, sha256 = source.version_id, None
@@ -293,7 +293,7 @@ class _Fetcher:
         started = time.monotonic()
         path = Path(os.path.expanduser(source.path)).resolve()
         allowed = [
-            Path(d).expanduser().resolve() for d in os.environ.get("FLUX_LORA_LOCAL_DIRS", "").split(os.pathsep) if d
+            Path(d).expanduser().resolve() for d in settings.paths("FLUX_LORA_LOCAL_DIRS")
         ]
         if not self.allow_any_local_path and not any(path.is_relative_to(folder) for folder in allowed):
             if not allowed:
@@ -368,8 +368,8 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _base_url(variable: str, default: str) -> str:
-    return (os.environ.get(variable, "").strip() or default).rstrip("/")
+def _base_url(variable: str) -> str:
+    return settings.text(variable).rstrip("/")
 
 
 def _size(nbytes: int) -> str:

@@ -33,10 +33,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from errors import UserError
 from lora import layouts
+from lora.download.checks import sniff_format
 from lora.layouts import ALPHA, DOWN, DOWN_BIAS, UP, UP_BIAS, Target
-from weights.errors import UserError
-from weights.files import sniff_format
 
 log = logging.getLogger(__name__)
 

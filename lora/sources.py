@@ -28,8 +28,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit, urlunsplit
 
-from weights.errors import UserError
-from weights.files import PICKLE_SUFFIXES
+from errors import UserError
+from lora.download.checks import PICKLE_SUFFIXES
 
 _ACCEPTED_FILE_SUFFIXES = (".safetensors", ".tar")
 

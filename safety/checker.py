@@ -57,7 +57,7 @@ class SafetyChecker:
     @classmethod
     def load(cls, stage1_dir: Path, stage2_dir: Path, device: str | torch.device) -> SafetyChecker:
         """Load from local folders in the layouts of CompVis/stable-diffusion-safety-checker and
-        Falconsai/nsfw_image_detection (weights/manifest.py fetches them; weights/tiny_safety.py builds tiny ones)."""
+        Falconsai/nsfw_image_detection (weights/manifest.py fetches them; weights/tiny/safety.py builds tiny ones)."""
         started = time.perf_counter()
         device = torch.device(device)
         for folder in (stage1_dir, stage2_dir):

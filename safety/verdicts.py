@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from weights.errors import UserError
+from errors import UserError
 
 ALL_IMAGES_UNSAFE_MESSAGE = "All generated images contained NSFW content. Try running it again with a different prompt."
 # Stage 2's (Falconsai/nsfw_image_detection) one label for a safe image; any other label is unsafe.

@@ -70,7 +70,7 @@ def main() -> int:
     from diffusers import FluxPipeline
 
     from predict import Predictor, predict_with_defaults
-    from weights.config import tiny_weight_paths
+    from weights.locations import tiny_weight_paths
 
     weights = tiny_weight_paths()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, tiny weights in {weights.dev.parent}", flush=True)

@@ -101,11 +101,12 @@ def main() -> int:
 
     # the person at this terminal owns the machine: local LoRA files are fine here (servers default to none)
     os.environ.setdefault("FLUX_LORA_LOCAL_DIRS", os.sep)
-    from predict import Predictor, predict_with_defaults
-    from weights.errors import UserError
+    from cog_inputs import load_predictor, predict_with_defaults, predictor_ref
+
+    from errors import UserError
 
     started = time.perf_counter()
-    predictor = Predictor()
+    predictor = load_predictor(predictor_ref())()  # the class cog.yaml deploys, as `cog predict` would
     predictor.setup()
     print(f"Setup took {time.perf_counter() - started:.2f}s", file=sys.stderr)
     try:

@@ -7,7 +7,6 @@ coglet validates inputs against it. `--check` exits 1 when the committed file is
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import sys
@@ -15,25 +14,10 @@ import types
 import typing
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cog_inputs import ROOT, load_predictor, predictor_ref  # noqa: E402
+
 SCHEMA_FILE = ROOT / ".cog" / "openapi_schema.json"
-
-
-def predictor_ref() -> str:
-    """The predictor cog.yaml deploys (`predict:` or `run:`), which is the one the schema file describes."""
-    import yaml
-
-    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
-    return config.get("predict") or config["run"]
-
-
-def load_predictor(ref: str) -> type:
-    module_file, class_name = ref.split(":")
-    sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location("predict", ROOT / module_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, class_name)
 
 
 def _unwrap_optional(annotation: object) -> tuple[object, bool]:

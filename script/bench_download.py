@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lora.download.cache import FileCache  # noqa: E402
+from lora.download.downloader import Downloader, DownloadSettings  # noqa: E402
 from tests.fixtures.servers import FileServer  # noqa: E402
-from weights.cache import FileCache  # noqa: E402
-from weights.download import Downloader, DownloadSettings  # noqa: E402
 
 MIB = 1 << 20
 

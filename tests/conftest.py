@@ -19,7 +19,7 @@ os.environ["FLUX_LORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="flux-lora-cache-")
 
 @pytest.fixture(scope="session")
 def tiny_weights():
-    from weights.config import tiny_weight_paths
+    from weights.locations import tiny_weight_paths
 
     return tiny_weight_paths()
 

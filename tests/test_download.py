@@ -1,4 +1,4 @@
-"""The generic downloader and cache (weights.download, weights.cache) against local HTTP servers."""
+"""The generic downloader and cache (lora.download.downloader, lora.download.cache) against local HTTP servers."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.servers import PICKLE_BYTES, FileServer, Reply, make_safetensors, make_tar
-from weights.cache import FileCache
-from weights.download import (
+from errors import UserError
+from lora.download.cache import FileCache
+from lora.download.checks import check_safetensors, extract_single_safetensors, sniff_format
+from lora.download.downloader import (
     Downloader,
     DownloadError,
     DownloadSettings,
@@ -27,8 +28,8 @@ from weights.download import (
     is_public_address,
     redact_url,
 )
-from weights.errors import UserError
-from weights.files import check_safetensors, extract_single_safetensors, sniff_format
+from lora.fetch import lora_downloader
+from tests.fixtures.servers import PICKLE_BYTES, FileServer, Reply, make_safetensors, make_tar
 
 pytest_plugins = ["tests.fixtures.servers"]
 
@@ -103,7 +104,7 @@ def test_body_without_content_length_is_read_to_the_end(file_server: FileServer,
 
 def test_progress_is_logged(file_server: FileServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     url = file_server.add("/slow.bin", payload(400_000), rate=2_000_000)
-    with caplog.at_level(logging.INFO, logger="weights.download"):
+    with caplog.at_level(logging.INFO, logger="lora.download.downloader"):
         fetch(downloader(tmp_path, connections=2), url)
     assert any("downloading http://127.0.0.1" in m and "% of" in m for m in caplog.messages)
 
@@ -331,8 +332,8 @@ def test_only_http_urls(tmp_path: Path) -> None:
 CHILD = """
 import sys
 from pathlib import Path
-from weights.cache import FileCache
-from weights.download import Downloader, DownloadSettings
+from lora.download.cache import FileCache
+from lora.download.downloader import Downloader, DownloadSettings
 cache = FileCache(Path(sys.argv[1]), max_bytes=0)
 settings = DownloadSettings(allow_private=True, retries=0, connections=int(sys.argv[4]), probe_bytes=65536)
 result = Downloader(cache, settings).fetch(sys.argv[2], key=sys.argv[3], input_name="test", max_size=10**9)
@@ -504,14 +505,12 @@ def test_an_intact_entry_that_was_touched_is_hashed_once_and_kept(
 def test_configuration_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FLUX_DOWNLOAD_CONNECTIONS", "6")
     monkeypatch.setenv("FLUX_DOWNLOAD_READ_TIMEOUT_S", "7.5")
-    monkeypatch.setenv("MY_CACHE_DIR", str(tmp_path / "c"))
-    monkeypatch.setenv("MY_CACHE_MAX_GB", "0.5")
+    monkeypatch.setenv("FLUX_LORA_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setenv("FLUX_LORA_CACHE_MAX_GB", "0.5")
     monkeypatch.setenv("FLUX_CACHE_MIN_FREE_GB", "1")
     loaded = DownloadSettings.from_env()
     assert (loaded.connections, loaded.read_timeout_s) == (6, 7.5)
-    cache = FileCache.from_env(
-        dir_var="MY_CACHE_DIR", max_gb_var="MY_CACHE_MAX_GB", default_dir="/nope", default_max_gb=1
-    )
+    cache = lora_downloader().cache
     assert (cache.root, cache.max_bytes, cache.min_free_bytes) == (tmp_path / "c", 500_000_000, 1_000_000_000)
     monkeypatch.setenv("FLUX_DOWNLOAD_CONNECTIONS", "many")
     with pytest.raises(ValueError, match="FLUX_DOWNLOAD_CONNECTIONS must be a number"):

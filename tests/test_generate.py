@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from predict import predict_with_defaults
-from weights.errors import UserError
+from errors import UserError
+from script.cog_inputs import predict_with_defaults
 
 FAST = {"prompt": "a photo of TOK", "num_inference_steps": 2, "megapixels": "0.25", "disable_safety_checker": True}
 

@@ -12,7 +12,7 @@ from torch import nn
 from lora.apply import LoraFuser
 from lora.formats import LoraDelta, LoraWeights, convert_lora
 from tests.fixtures import lora_factory as factory
-from weights.tiny import tiny_transformer
+from weights.tiny.flux import tiny_transformer
 
 DTYPES = [torch.float32, torch.bfloat16]
 

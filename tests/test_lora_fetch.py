@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, hf_hub_download
 
+from errors import UserError
 from lora.fetch import fetch_lora, pick_hf_file
 from tests.fixtures.servers import (
     PICKLE_BYTES,
@@ -21,7 +22,6 @@ from tests.fixtures.servers import (
     make_safetensors,
     make_tar,
 )
-from weights.errors import UserError
 
 pytest_plugins = ["tests.fixtures.servers"]
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from errors import UserError
 from lora.apply import LoraFuser
 from lora.formats import convert_lora, load_lora, read_lora
 from tests.fixtures import lora_factory as factory
-from weights.errors import UserError
-from weights.tiny import tiny_transformer
+from weights.tiny.flux import tiny_transformer
 
 SCALE = 0.75
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from predict import Predictor, predict_with_defaults
+from errors import UserError
+from predict import Predictor
+from script.cog_inputs import predict_with_defaults
 from tests.fixtures.lora_factory import make_spec, sdxl_tensors, write_layout, write_tensors
 from tests.fixtures.servers import PICKLE_BYTES
-from weights.errors import UserError
 
 pytest_plugins = ["tests.fixtures.servers"]
 
@@ -113,7 +114,7 @@ def test_after_loras_the_output_equals_a_fresh_process(predictor, lora_urls, tmp
     image_bytes(predictor, replicate_weights=lora_urls["diffusers"], extra_lora=lora_urls["other"], lora_scale=1.3)
     ours = hashlib.sha256(image_bytes(predictor)).hexdigest()
     script = (
-        "import hashlib, logging; from predict import Predictor, predict_with_defaults\n"
+        "import hashlib, logging; from predict import Predictor; from script.cog_inputs import predict_with_defaults\n"
         "p = Predictor(); p.setup(); logging.disable(logging.CRITICAL)\n"
         f"print('SHA', hashlib.sha256(predict_with_defaults(p, **{BASE!r})[0].read_bytes()).hexdigest())\n"
     )

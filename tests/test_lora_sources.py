@@ -6,6 +6,7 @@ import base64
 
 import pytest
 
+from errors import UserError
 from lora.sources import (
     CivitAISource,
     DataUriSource,
@@ -15,7 +16,6 @@ from lora.sources import (
     UrlSource,
     parse_source,
 )
-from weights.errors import UserError
 
 VERSION = "5" * 32 + "a" * 32
 

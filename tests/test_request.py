@@ -3,10 +3,10 @@ import logging
 import pytest
 from PIL import Image
 
+from errors import UserError
 from flux.images import MAX_INPUT_PIXELS
 from flux.request import LIMITS, build_request
 from flux.seeds import batch_seeds, resolve_seed
-from weights.errors import UserError
 
 
 def png(tmp_path, size=(300, 200), name="in.png", mode="RGB", color=(200, 10, 10)):

@@ -1,6 +1,6 @@
 """The two-stage safety checker, run for real on the tiny safety models.
 
-The tiny models (weights/tiny_safety.py) judge by colour: stage 1 flags mostly red and mostly green pictures,
+The tiny models (weights/tiny/safety.py) judge by colour: stage 1 flags mostly red and mostly green pictures,
 stage 2 calls mostly red ones "nsfw". So red is flagged and confirmed, green is flagged and overturned, and
 blue, grey and noise pass stage 1. Tests steer further only through the models themselves: stage 1's concept
 thresholds, stage 2's classifier head, or a torch hook that makes a model's forward raise.
@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from errors import UserError
 from safety.checker import SafetyChecker, stage1_dtype
 from safety.verdicts import ALL_IMAGES_UNSAFE_MESSAGE, SafetyReport
-from weights.errors import UserError
-from weights.tiny_safety import MARKER_FILE, STAGING_PREFIX, ensure_tiny_safety
+from weights.tiny.safety import MARKER_FILE, STAGING_PREFIX, ensure_tiny_safety
 
 RED = (1.0, 0.0, 0.0)
 GREEN = (0.0, 1.0, 0.0)

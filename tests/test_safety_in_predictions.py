@@ -13,9 +13,9 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import AutoModelForImageClassification
 
-from predict import predict_with_defaults
+from errors import UserError
 from safety.verdicts import ALL_IMAGES_UNSAFE_MESSAGE
-from weights.errors import UserError
+from script.cog_inputs import predict_with_defaults
 
 FAST = {"prompt": "x", "num_inference_steps": 1, "megapixels": "0.25", "seed": 9}
 

@@ -38,7 +38,8 @@ def test_schema_file_is_current():
 
 def variant_schemas(ref: str) -> dict:
     sys.path.insert(0, str(ROOT / "script"))
-    from _schema import load_predictor, openapi_document
+    from _schema import openapi_document
+    from cog_inputs import load_predictor
 
     return openapi_document(load_predictor(ref))["components"]["schemas"]
 

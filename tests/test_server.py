@@ -177,7 +177,7 @@ def test_unreadable_image_fails_clearly(cog_server):
 
 def test_extra_lora_from_a_local_server_through_coglet(cog_server, file_server, tmp_path):
     from tests.fixtures.lora_factory import make_spec, sdxl_tensors, write_layout, write_tensors
-    from weights.tiny import tiny_transformer
+    from weights.tiny.flux import tiny_transformer
 
     transformer = tiny_transformer(guidance_embeds=True)
     lora = write_layout("kohya", make_spec(transformer, seed=3, magnitude=0.5), transformer, tmp_path / "style.safetensors")

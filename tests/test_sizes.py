@@ -1,7 +1,7 @@
 import pytest
 
+from errors import UserError
 from flux.sizes import SIZES_1MP, fit_image_size, output_size, round_to_multiple
-from weights.errors import UserError
 
 TABLE_1MP = {
     "1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "3:2": (1216, 832), "2:3": (832, 1216),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from weights import tiny
+from weights.tiny import flux as tiny
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,7 +148,7 @@ def test_builds_in_other_processes_at_once_are_byte_identical(repos: dict[str, P
     root = tmp_path / "raced"
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "weights.tiny", str(root)],
+            [sys.executable, "-m", "weights.tiny.flux", str(root)],
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONHASHSEED": str(seed)},
             stdout=subprocess.PIPE,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.fixtures.servers import HubServer
-from weights.config import resolve_weight_paths
+from weights.locations import resolve_weight_paths
 from weights.manifest import MANIFEST
 
 pytest_plugins = ["tests.fixtures.servers"]

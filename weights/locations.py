@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import settings
 from weights.manifest import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class WeightPaths:
 
 def resolve_weight_paths(cuda_available: bool) -> WeightPaths:
     paths = _flux_weight_paths(cuda_available)
-    safety_dir = os.environ.get("FLUX_SAFETY_WEIGHTS_DIR", "").strip()
+    safety_dir = settings.text("FLUX_SAFETY_WEIGHTS_DIR")
     if safety_dir:
         paths = replace(
             paths,
@@ -43,8 +43,8 @@ def resolve_weight_paths(cuda_available: bool) -> WeightPaths:
 
 
 def _flux_weight_paths(cuda_available: bool) -> WeightPaths:
-    choice = os.environ.get("FLUX_WEIGHTS", "").strip().lower()
-    directory = os.environ.get("FLUX_WEIGHTS_DIR", "").strip()
+    choice = settings.text("FLUX_WEIGHTS").lower()
+    directory = settings.text("FLUX_WEIGHTS_DIR")
     if choice == "tiny" or (not directory and not cuda_available and choice != "real"):
         return tiny_weight_paths()
     root = Path(directory) if directory else DEFAULT_REAL_DIR
@@ -56,8 +56,8 @@ def _flux_weight_paths(cuda_available: bool) -> WeightPaths:
 
 
 def tiny_weight_paths() -> WeightPaths:
-    from weights.tiny import default_tiny_root, ensure_tiny_flux
-    from weights.tiny_safety import ensure_tiny_safety
+    from weights.tiny.flux import default_tiny_root, ensure_tiny_flux
+    from weights.tiny.safety import ensure_tiny_safety
 
     root = default_tiny_root()
     flux = ensure_tiny_flux(root)
@@ -81,6 +81,6 @@ def download_real_weights(root: Path, names: list[str]) -> None:
             local_dir=staging,
             allow_patterns=list(source.allow_patterns),
             max_workers=8,
-            endpoint=os.environ.get("HF_ENDPOINT") or None,  # huggingface_hub reads it only once, at import
+            endpoint=settings.text("HF_ENDPOINT"),  # huggingface_hub reads it only once, at import
         )
         staging.rename(target)  # only a complete download ever gets the real name

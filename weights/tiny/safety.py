@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from weights.builds import RepoBuild, write_json
-from weights.tiny import default_tiny_root
+from weights.tiny.flux import default_tiny_root
+from weights.tiny.repo_build import RepoBuild, write_json
 
 BUILD = RepoBuild("tiny-safety", version="1")  # bump the version whenever the generated files change
 FORMAT_VERSION, MARKER_FILE, STAGING_PREFIX = BUILD.version, BUILD.marker, BUILD.staging_prefix

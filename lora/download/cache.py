@@ -48,17 +48,6 @@ class CacheSpaceError(OSError):
     """The cache cannot make room for a file (size cap or free-disk floor)."""
 
 
-def env_number(name: str, default: float) -> float:
-    """A float from the environment; a clear message instead of a traceback for typos."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     buffer = bytearray(1 << 20)
@@ -163,18 +152,6 @@ class FileCache:
         self._free_bytes = free_bytes
         for sub in ("entries", "partial", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-    @classmethod
-    def from_env(
-        cls, *, dir_var: str, max_gb_var: str, default_dir: str, default_max_gb: float, verify_hits: bool = True
-    ) -> FileCache:
-        """A cache configured by environment variables; the free-disk floor is FLUX_CACHE_MIN_FREE_GB (2)."""
-        return cls(
-            os.environ.get(dir_var) or default_dir,
-            max_bytes=int(env_number(max_gb_var, default_max_gb) * GB),
-            min_free_bytes=int(env_number("FLUX_CACHE_MIN_FREE_GB", 2) * GB),
-            verify_hits=verify_hits,
-        )
 
     @staticmethod
     def key_hash(key: str) -> str:

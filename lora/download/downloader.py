@@ -27,7 +27,7 @@ Environment (all optional):
   FLUX_DOWNLOAD_TIMEOUT_S          overall deadline for one file (1800)
   FLUX_DOWNLOAD_RETRIES            further attempts after a network failure (2)
   FLUX_ALLOW_PRIVATE_URLS          1: allow private and loopback addresses (self-hosting, tests)
-The cache itself is configured in `weights.cache` (directory, size cap, FLUX_CACHE_MIN_FREE_GB).
+The cache itself is configured in `lora.download.cache` (directory, size cap, FLUX_CACHE_MIN_FREE_GB).
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from weights.cache import MB, CacheSpaceError, FileCache, Work, env_number, sha256_file
-from weights.errors import UserError
+import settings
+from errors import UserError
+from lora.download.cache import MB, CacheSpaceError, FileCache, Work, sha256_file
+from settings import TRUSTED_BASE_URL_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,6 @@ MiB = 1 << 20
 _READ_BYTES = 1 << 20
 _MAX_REDIRECTS = 10
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-TRUSTED_BASE_URL_VARIABLES = ("HF_ENDPOINT", "FLUX_CIVITAI_BASE_URL", "FLUX_REPLICATE_BASE_URL")
 _PART_NAME = "download.part"
 
 
@@ -107,10 +108,6 @@ def url_origin(url: str) -> tuple[str, str, int]:
     return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme, 0)
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 @dataclass(frozen=True)
 class DownloadSettings:
     connections: int = 8
@@ -130,17 +127,15 @@ class DownloadSettings:
     @classmethod
     def from_env(cls) -> DownloadSettings:
         return cls(
-            connections=max(1, int(env_number("FLUX_DOWNLOAD_CONNECTIONS", 8))),
-            max_chunk_bytes=max(1, int(env_number("FLUX_DOWNLOAD_CHUNK_MB", 64) * MiB)),
-            connect_timeout_s=env_number("FLUX_DOWNLOAD_CONNECT_TIMEOUT_S", 10),
-            read_timeout_s=env_number("FLUX_DOWNLOAD_READ_TIMEOUT_S", 60),
-            total_timeout_s=env_number("FLUX_DOWNLOAD_TIMEOUT_S", 1800),
-            retries=max(0, int(env_number("FLUX_DOWNLOAD_RETRIES", 2))),
-            allow_private=env_flag("FLUX_ALLOW_PRIVATE_URLS"),
+            connections=max(1, int(settings.number("FLUX_DOWNLOAD_CONNECTIONS"))),
+            max_chunk_bytes=max(1, int(settings.number("FLUX_DOWNLOAD_CHUNK_MB") * MiB)),
+            connect_timeout_s=settings.number("FLUX_DOWNLOAD_CONNECT_TIMEOUT_S"),
+            read_timeout_s=settings.number("FLUX_DOWNLOAD_READ_TIMEOUT_S"),
+            total_timeout_s=settings.number("FLUX_DOWNLOAD_TIMEOUT_S"),
+            retries=max(0, int(settings.number("FLUX_DOWNLOAD_RETRIES"))),
+            allow_private=settings.flag("FLUX_ALLOW_PRIVATE_URLS"),
             trusted_origins=frozenset(
-                url_origin(os.environ[name].strip())
-                for name in TRUSTED_BASE_URL_VARIABLES
-                if os.environ.get(name, "").strip()
+                url_origin(settings.text(name)) for name in TRUSTED_BASE_URL_SETTINGS if settings.is_set(name)
             ),
         )
 

@@ -9,11 +9,11 @@ files. The main LoRA falls back to the deployment's default (see `default_main_l
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 
 import torch
 
+import settings
 from flux.pipelines import FluxPipelines
 from flux.request import GenerationRequest, LoraSpec
 from lora.apply import LoraFuser
@@ -28,7 +28,7 @@ MAIN_INPUT = "replicate_weights"
 
 def default_main_lora(setup_weights: str | None) -> str | None:
     """The deployment's main LoRA: cog's setup(weights) / COG_WEIGHTS wins over FLUX_DEFAULT_LORA."""
-    for candidate in (setup_weights, os.environ.get("FLUX_DEFAULT_LORA")):
+    for candidate in (setup_weights, settings.text("FLUX_DEFAULT_LORA")):
         if candidate and str(candidate).strip():
             return str(candidate).strip()
     return None
@@ -43,11 +43,11 @@ class LoraState:
     def __init__(self, pipelines: FluxPipelines, default_main: str | None = None, memory_slots: int | None = None):
         self._pipelines = pipelines
         self.default_main = default_main
-        self._memory_slots = memory_slots or int(os.environ.get("FLUX_LORA_MEMORY_SLOTS", "4"))
+        self._memory_slots = memory_slots or int(settings.number("FLUX_LORA_MEMORY_SLOTS"))
         self._converted: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
         self._fusers: dict[str, LoraFuser] = {}
         # On a GPU the originals are kept in host memory: a full-coverage FLUX LoRA touches ~24 GB of weights.
-        backup = os.environ.get("FLUX_LORA_BACKUP_DEVICE") or ("cpu" if pipelines.device.type == "cuda" else None)
+        backup = settings.text("FLUX_LORA_BACKUP_DEVICE") or ("cpu" if pipelines.device.type == "cuda" else None)
         self._backup_device = backup
 
     def requested(self, request: GenerationRequest) -> list[LoraSpec]:

@@ -15,7 +15,6 @@ Everything is a pure function of fixed seeds and the built-in corpus: two builds
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 from collections import Counter
@@ -23,7 +22,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from weights.builds import RepoBuild, write_json
+import settings
+from weights.tiny.repo_build import RepoBuild, write_json
 
 BUILD = RepoBuild("tiny-flux", version="2")  # bump the version whenever the generated files change
 FORMAT_VERSION, MARKER_FILE, PARTIAL_PREFIX = BUILD.version, BUILD.marker, BUILD.staging_prefix
@@ -133,10 +133,10 @@ TOKENIZER_CORPUS = (
 
 def default_tiny_root() -> Path:
     """Where the tiny weights live unless a caller says otherwise (the .cache folder is git-ignored)."""
-    configured = os.environ.get("FLUX_TINY_WEIGHTS_DIR")
+    configured = settings.text("FLUX_TINY_WEIGHTS_DIR")
     if configured:
         return Path(configured)
-    return Path(__file__).resolve().parent.parent / ".cache" / "tiny-weights"
+    return Path(__file__).resolve().parents[2] / ".cache" / "tiny-weights"
 
 
 def ensure_tiny_flux(root: Path) -> dict[str, Path]:

@@ -12,8 +12,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from weights.cache import MB
-from weights.errors import UserError
+from errors import UserError
+from lora.download.cache import MB
 
 MiB = 1 << 20
 _READ_BYTES = 1 << 20

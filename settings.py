@@ -1,0 +1,91 @@
+"""Every environment setting the server reads, in one place: name, default and meaning.
+
+Values are read on each call (not cached at import), so a test or an operator's wrapper can change them. Only
+this module touches os.environ for our settings; a test fails if another module does. README's configuration
+table lists every setting declared here (a test checks that too).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str  # as text, as it would be written in the environment; "" means unset
+    meaning: str
+
+
+SETTINGS: dict[str, Setting] = {}
+
+
+def _declare(name: str, default: str, meaning: str) -> None:
+    SETTINGS[name] = Setting(name, default, meaning)
+
+
+# --- model weights -------------------------------------------------------------------------------------------
+_declare("FLUX_WEIGHTS", "", "`tiny` forces the tiny random test weights; `real` forces real weights")
+_declare("FLUX_WEIGHTS_DIR", "", "real weights folder; missing components are downloaded from the Hub into it")
+_declare("FLUX_SAFETY_WEIGHTS_DIR", "", "take the two safety checker folders from here")
+_declare("FLUX_TINY_WEIGHTS_DIR", "", "where the tiny test weights are generated (default `.cache/tiny-weights`)")
+_declare("FLUX_DTYPE", "", "`bf16` or `fp32` (default: bf16 on GPU, fp32 on CPU)")
+
+# --- LoRAs ---------------------------------------------------------------------------------------------------
+_declare("FLUX_DEFAULT_LORA", "", "main LoRA when a request has none (after cog's setup weights, `COG_WEIGHTS`)")
+_declare("FLUX_LORA_MEMORY_SLOTS", "4", "converted LoRAs kept in memory")
+_declare("FLUX_LORA_BACKUP_DEVICE", "", "where original weights of LoRA-touched layers are kept (default: `cpu` on GPU)")
+_declare("FLUX_LORA_LOCAL_DIRS", "", "folders a request's local LoRA paths may come from (`:`-separated; unset: none)")
+_declare("FLUX_LORA_MAX_GB", "3", "largest LoRA file accepted")
+_declare("FLUX_LORA_CACHE_DIR", "~/.cache/flux/loras", "LoRA download cache")
+_declare("FLUX_LORA_CACHE_MAX_GB", "20", "LoRA cache size cap (least recently used evicted first)")
+_declare("FLUX_CACHE_MIN_FREE_GB", "2", "free disk the cache always leaves")
+
+# --- LoRA hosts and tokens -----------------------------------------------------------------------------------
+_declare("HF_ENDPOINT", "https://huggingface.co", "Hugging Face base URL (a mirror, or a local server in tests)")
+_declare("FLUX_CIVITAI_BASE_URL", "https://civitai.com", "CivitAI base URL")
+_declare("FLUX_REPLICATE_BASE_URL", "https://replicate.com", "Replicate base URL (`_weights` tars)")
+_declare("HF_TOKEN", "", "Hugging Face token (read by huggingface_hub); sent only to the Hub host")
+_declare("CIVITAI_API_TOKEN", "", "CivitAI token; sent only to the CivitAI host, as a header")
+_declare("REPLICATE_API_TOKEN", "", "Replicate token; sent only to the Replicate host")
+
+# --- downloads -----------------------------------------------------------------------------------------------
+_declare("FLUX_DOWNLOAD_CONNECTIONS", "8", "parallel ranged connections per file")
+_declare("FLUX_DOWNLOAD_CHUNK_MB", "64", "largest ranged chunk, in MiB")
+_declare("FLUX_DOWNLOAD_CONNECT_TIMEOUT_S", "10", "connect timeout, seconds")
+_declare("FLUX_DOWNLOAD_READ_TIMEOUT_S", "60", "longest wait for the next bytes, seconds")
+_declare("FLUX_DOWNLOAD_TIMEOUT_S", "1800", "overall deadline for one file, seconds")
+_declare("FLUX_DOWNLOAD_RETRIES", "2", "further attempts after a network failure")
+_declare("FLUX_ALLOW_PRIVATE_URLS", "", "`1`: user URLs may reach private, loopback and link-local addresses")
+
+TRUSTED_BASE_URL_SETTINGS = ("HF_ENDPOINT", "FLUX_CIVITAI_BASE_URL", "FLUX_REPLICATE_BASE_URL")
+
+
+def text(name: str) -> str:
+    """The setting's value, stripped; its declared default when unset or blank."""
+    return os.environ.get(name, "").strip() or SETTINGS[name].default
+
+
+def is_set(name: str) -> bool:
+    """Whether the environment sets this (an operator's choice, as opposed to the default)."""
+    SETTINGS[name]  # noqa: B018  (KeyError for undeclared names)
+    return bool(os.environ.get(name, "").strip())
+
+
+def number(name: str) -> float:
+    """A numeric setting; a clear message instead of a traceback for a typo."""
+    raw = text(name)
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def flag(name: str) -> bool:
+    return text(name).lower() in ("1", "true", "yes", "on")
+
+
+def paths(name: str) -> list[str]:
+    """A `:`-separated list of folders (os.pathsep), empty entries dropped."""
+    return [part for part in text(name).split(os.pathsep) if part]

@@ -1,0 +1,1 @@
+"""Tiny randomly initialised FLUX and safety models in the real on-disk layouts, for tests and CPU demos."""
