@@ -1,0 +1,86 @@
+"""The house rules README's "Layout" section states, checked on the source: the import arrow, settings read in
+one place, every setting documented, and no module over 400 lines."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("flux", "lora", "safety", "weights")
+# Layers, top to bottom. A module may import its own layer's package or any lower layer, never a higher or a
+# sibling one (lora and safety do not know each other; lora.download and weights neither).
+LAYERS = {"predict": 4, "flux": 3, "lora": 2, "safety": 2, "lora.download": 1, "weights": 1, "errors": 0, "settings": 0}
+
+
+def project_modules() -> list[Path]:
+    files = [ROOT / "predict.py", ROOT / "errors.py", ROOT / "settings.py"]
+    for package in PACKAGES:
+        files += sorted((ROOT / package).rglob("*.py"))
+    return files
+
+
+def layer_of(dotted: str) -> str | None:
+    matches = [name for name in LAYERS if dotted == name or dotted.startswith(name + ".")]
+    return max(matches, key=len) if matches else None
+
+
+def imported_names(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
+def dotted_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+@pytest.mark.parametrize("path", project_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_run_one_way(path: Path) -> None:
+    own = layer_of(dotted_name(path))
+    for name in imported_names(path):
+        if name.split(".")[0] == "cog":
+            assert own == "predict", f"{path.name} imports cog; only predict.py may"
+        target = layer_of(name)
+        if target is None or target == own:
+            continue
+        assert LAYERS[target] < LAYERS[own], f"{dotted_name(path)} ({own}) imports {name} ({target}): upward or sideways"
+
+
+@pytest.mark.parametrize("path", project_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_over_400_lines(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= 400, f"{path.relative_to(ROOT)} has {lines} lines; split it by concern"
+
+
+def test_settings_are_read_only_through_settings_py() -> None:
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in project_modules()
+        if path.name != "settings.py" and re.search(r"os\.environ|os\.getenv|getenv\(", path.read_text())
+    ]
+    assert offenders == []
+
+
+def test_every_setting_used_is_declared() -> None:
+    used = set()
+    for path in project_modules():
+        used |= set(re.findall(r"settings\.(?:text|number|flag|paths|is_set)\(\s*\"(\w+)\"", path.read_text()))
+    assert used, "the pattern found no settings reads at all"
+    assert sorted(used - set(settings.SETTINGS)) == []
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration") :]
+    missing = [name for name in settings.SETTINGS if f"`{name}`" not in table]
+    assert missing == []
