@@ -11,7 +11,7 @@ import yaml
 from flux.request import LIMITS
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "schemas"  # origins: its README.md
 COMPARED = ["type", "format", "default", "minimum", "maximum", "enum", "description", "title", "x-order"]
 
 
@@ -57,26 +57,26 @@ def assert_matches_seed(schemas: dict, seed: dict, hidden_order: int) -> None:
 
 def test_input_schema_matches_trained_lora_seed_property_by_property():
     """Seeds 000, 003 and 004 (the committed schema file is this one, as cog.yaml deploys Predictor)."""
-    seed = json.loads((SHARED / "schemas" / "trained-lora.input.json").read_text())
+    seed = json.loads((REFERENCE / "trained-lora.input.json").read_text())
     assert_matches_seed(committed_schemas(), seed, hidden_order=17)
 
 
 def test_fast_predictor_matches_seed_001():
     """Seed 001 is the trained-LoRA table with go_fast on by default."""
-    seed = json.loads((SHARED / "schemas" / "trained-lora.input.json").read_text())
+    seed = json.loads((REFERENCE / "trained-lora.input.json").read_text())
     seed["properties"]["go_fast"]["default"] = True
     assert_matches_seed(variant_schemas("predict.py:FastPredictor"), seed, hidden_order=17)
-    page = next((SHARED / "seeds").glob("001_*.txt")).read_text()
+    page = (REFERENCE / "seed-001-page.txt").read_text()
     assert "go_fast |\nboolean\n|\nTrue\n" in page  # the seed page itself says so
 
 
 def test_legacy_predictor_matches_seed_002():
-    seed = json.loads((SHARED / "schemas" / "legacy-fine-tuner.input.json").read_text())
+    seed = json.loads((REFERENCE / "legacy-fine-tuner.input.json").read_text())
     assert_matches_seed(variant_schemas("predict.py:LegacyPredictor"), seed, hidden_order=12)
 
 
 def test_output_schema_matches_seed():
-    seed = json.loads((SHARED / "schemas" / "output.json").read_text())
+    seed = json.loads((REFERENCE / "output.json").read_text())
     assert committed_schemas()["Output"] == seed
 
 
@@ -97,7 +97,7 @@ def test_request_limits_agree_with_predict_literals():
 
 def test_cog_yaml_is_valid_against_cogs_config_schema():
     config = yaml.safe_load((ROOT / "cog.yaml").read_text())
-    jsonschema.validate(config, json.loads((SHARED / "cog" / "config_schema_v1.0.json").read_text()))
+    jsonschema.validate(config, json.loads((REFERENCE / "cog-config-schema-v1.0.json").read_text()))
     build = config["build"]
     assert build["gpu"] is True and build["python_version"] == "3.11"
     assert config["predict"] == "predict.py:Predictor"
