@@ -32,6 +32,11 @@ _declare("FLUX_SAFETY_WEIGHTS_DIR", "", "take the two safety checker folders fro
 _declare("FLUX_TINY_WEIGHTS_DIR", "", "where the tiny test weights are generated (default `.cache/tiny-weights`)")
 _declare("FLUX_DTYPE", "", "`bf16` or `fp32` (default: bf16 on GPU, fp32 on CPU)")
 
+# --- go_fast (fp8) and model variants ------------------------------------------------------------------------
+_declare("FLUX_RESIDENT_VARIANTS", "dev-bf16,schnell-bf16", "variants built at setup and kept (`dev-bf16`, `schnell-fp8`, ...); any other is built when first used, one at a time")
+_declare("FLUX_GO_FAST_LORA_MULTIPLIER", "1", "multiplies LoRA scales on the fp8 path (the hosted model used 1.5)")
+_declare("FLUX_LORA_SCALE_CURVE", "linear", "`hosted`: one LoRA without go_fast acts as scale² (the hosted model's curve)")
+
 # --- LoRAs ---------------------------------------------------------------------------------------------------
 _declare("FLUX_DEFAULT_LORA", "", "main LoRA when a request has none (after cog's setup weights, `COG_WEIGHTS`)")
 _declare("FLUX_LORA_MEMORY_SLOTS", "4", "converted LoRAs kept in memory")
