@@ -23,13 +23,13 @@ MEGAPIXELS = ["1", "0.25"]
 
 CUSTOM_MIN, CUSTOM_MAX = 256, 1440
 MAX_IMAGE_SIDE = 1440  # input images are fitted inside this square
-MIN_IMAGE_SIDE = 64  # smaller inputs carry too little to work from; refused with a clear error
+MIN_IMAGE_SIDE = 64  # smaller inputs (or fitted sizes) carry too little to work from; refused with a clear error
 MULTIPLE = 16  # FLUX needs sides divisible by 16 (8x VAE, 2x2 latent packing)
 
 
-def round_to_multiple(value: float, multiple: int = MULTIPLE) -> int:
-    """Nearest multiple, halves rounded up (1000 -> 1008), never below one multiple."""
-    return max(multiple, int(value / multiple + 0.5) * multiple)
+def round_up_to_multiple(value: int, multiple: int = MULTIPLE) -> int:
+    """The next multiple at or above value (1010 -> 1024), as the hosted model rounds custom and fitted sizes."""
+    return (value + multiple - 1) // multiple * multiple
 
 
 def output_size(
@@ -54,13 +54,23 @@ def output_size(
 def _custom_side(name: str, value: int) -> int:
     if not CUSTOM_MIN <= value <= CUSTOM_MAX:
         raise UserError(f"{name}: {value} is out of range; use {CUSTOM_MIN} to {CUSTOM_MAX}.")
-    return min(CUSTOM_MAX, round_to_multiple(value))
+    return round_up_to_multiple(value)  # stays within 1440, itself a multiple of 16
 
 
 def fit_image_size(width: int, height: int) -> tuple[int, int]:
-    """Size an input image is resized to: inside 1440x1440 with its aspect ratio, sides multiples of 16."""
-    scale = min(1.0, MAX_IMAGE_SIDE / max(width, height))
-    return (
-        min(MAX_IMAGE_SIDE, round_to_multiple(width * scale)),
-        min(MAX_IMAGE_SIDE, round_to_multiple(height * scale)),
-    )
+    """Size an input image is resized to, as the hosted model does: scaled down (never up) to fit inside
+    1440x1440 with its aspect ratio, each side truncated, then rounded up to a multiple of 16.
+
+    Rounding up cannot pass 1440: a fitted side is at most 1440, which is a multiple of 16. Unlike the hosted
+    model (4000x64 -> 1440x32), a side that would end under 64 px is refused: stretching it would distort the
+    image and a 16 or 32 px side leaves FLUX too little to work from.
+    """
+    scale = min(1.0, MAX_IMAGE_SIDE / width, MAX_IMAGE_SIDE / height)
+    fitted = round_up_to_multiple(int(width * scale)), round_up_to_multiple(int(height * scale))
+    if min(fitted) < MIN_IMAGE_SIDE:
+        raise UserError(
+            f"image: {width}x{height} is too elongated; fitted inside {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} it would be "
+            f"{fitted[0]}x{fitted[1]}, and each side must be at least {MIN_IMAGE_SIDE} pixels. "
+            "Crop or pad it to a less extreme aspect ratio (at most about 29:1)."
+        )
+    return fitted

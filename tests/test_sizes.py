@@ -1,7 +1,7 @@
 import pytest
 
 from errors import UserError
-from flux.sizes import SIZES_1MP, fit_image_size, output_size, round_to_multiple
+from flux.sizes import SIZES_1MP, fit_image_size, output_size, round_up_to_multiple
 
 TABLE_1MP = {
     "1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "3:2": (1216, 832), "2:3": (832, 1216),
@@ -23,10 +23,13 @@ def test_table_is_exactly_the_design_table():
 
 
 @pytest.mark.parametrize(
-    "value, expected", [(256, 256), (257, 256), (263, 256), (264, 272), (1000, 1008), (1015, 1008), (1440, 1440), (1439, 1440)]
+    "value, expected",
+    [(256, 256), (257, 272), (271, 272), (272, 272), (1000, 1008), (1010, 1024), (1015, 1024), (1439, 1440), (1440, 1440)],
 )
-def test_custom_rounds_to_nearest_16(value, expected):
+def test_custom_rounds_up_to_a_multiple_of_16_as_the_hosted_model(value, expected):
+    """The hosted model's make_multiple_of_16 is ((n + 15) // 16) * 16; the seed text's 'nearest' is not what it does."""
     assert output_size("custom", "1", value, value) == (expected, expected)
+    assert output_size("custom", "1", value, 512) == (expected, 512)
 
 
 def test_custom_ignores_megapixels():
@@ -56,18 +59,40 @@ def test_unknown_ratio_and_megapixels():
     "size, expected",
     [
         ((1024, 1024), (1024, 1024)),
-        ((4000, 3000), (1440, 1088)),  # 1440x1080 -> 1088 (nearest multiple of 16)
+        ((4000, 3000), (1440, 1088)),  # 1440x1080, 1080 rounded up
         ((3000, 4000), (1088, 1440)),
-        ((500, 333), (496, 336)),
-        ((1440, 100), (1440, 96)),
+        ((500, 333), (512, 336)),  # never scaled up; each side rounded up
+        ((1440, 100), (1440, 112)),
+        ((1439, 1439), (1440, 1440)),  # rounding up stops at 1440, itself a multiple of 16
+        ((2000, 1999), (1440, 1440)),  # 1439.28 truncated to 1439, then up to 1440
         ((64, 64), (64, 64)),
+        ((2880, 98), (1440, 64)),  # 49 px fitted: the most elongated input that is accepted
     ],
 )
-def test_input_image_is_fitted(size, expected):
-    w, h = fit_image_size(*size)
-    assert (w, h) == expected
-    assert w % 16 == 0 and h % 16 == 0 and max(w, h) <= 1440
+def test_input_image_is_fitted_as_the_hosted_model(size, expected):
+    assert fit_image_size(*size) == expected
 
 
-def test_round_to_multiple_never_zero():
-    assert round_to_multiple(3) == 16
+def test_fitted_sizes_stay_inside_1440_in_multiples_of_16_and_keep_the_orientation():
+    for width in range(64, 6000, 7):
+        for height in (64, 300, 1439, 2000, 5000):
+            try:
+                w, h = fit_image_size(width, height)
+            except UserError:
+                assert max(width, height) / min(width, height) > 29, (width, height)
+                continue
+            assert w % 16 == 0 and h % 16 == 0, (width, height)
+            assert 64 <= min(w, h) and max(w, h) <= 1440, (width, height)
+            assert w < width + 16 and h < height + 16, (width, height)  # never scaled up
+            assert (w >= h) if width >= height else (w <= h), (width, height)
+
+
+@pytest.mark.parametrize("size, fitted", [((4000, 64), "1440x32"), ((64, 4000), "32x1440"), ((2880, 97), "1440x48")])
+def test_inputs_too_elongated_to_keep_64_px_are_refused(size, fitted):
+    """The hosted model would answer 4000x64 with a 1440x32 image; we refuse it and say why."""
+    with pytest.raises(UserError, match=f"^image: {size[0]}x{size[1]} is too elongated; .* would be {fitted}, .* at least 64"):
+        fit_image_size(*size)
+
+
+def test_round_up_to_multiple():
+    assert [round_up_to_multiple(n) for n in (0, 1, 16, 17, 1010)] == [0, 16, 16, 32, 1024]
