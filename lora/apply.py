@@ -5,10 +5,13 @@ saved copy of the original weight is exact, whereas subtracting a delta again is
 
 For every Linear touched by the requested LoRAs:
 
-    W = cast(W_original.float() + Σ_i scale_i · (alpha_i / rank_i) · B_i @ A_i)
+    W = cast(W_original.float() + Σ_i scale_i · (alpha_i / rank_i) · ΔW_i)
 
-always computed from the saved original, so requests never accumulate rounding. A term with scale 0 is left
-out, so scale 0 everywhere restores the originals bit-exactly.
+always computed from the saved original, so requests never accumulate rounding. ΔW is B @ A for a LoRA, or a
+LyCORIS product (lora/deltas.py). A LoRA with a DoRA magnitude adds instead scale · (its DoRA-merged weight − W),
+its merge computed against the original W as if it were alone: so two DoRA LoRAs on one module, or DoRA and
+plain LoRAs, add up independently of their order, and each one at scale 1 alone gives exactly its own merge.
+A term with scale 0 is left out, so scale 0 everywhere restores the originals bit-exactly.
 
 Extension point for fp8 (torchao-quantized weights, not implemented here): override `snapshot`, `restore`,
 `original_as_float32` and `write_fused`, which are the only places that read or write a weight.
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lora.formats import LoraDelta, LoraWeights
+from lora.deltas import WeightDelta, dora_change
+from lora.formats import LoraWeights
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,8 @@ class Backup:
 
 @dataclass(frozen=True, eq=False)
 class _Term:
-    delta: LoraDelta
-    coefficient: float  # scale · alpha / rank
+    delta: WeightDelta
+    scale: float  # the user's scale
 
 
 class LoraFuser:
@@ -149,20 +153,28 @@ class LoraFuser:
                 if component not in self._components:
                     raise ValueError(f"LoRA {weights.identity} changes {path}, but no {component!r} was given")
                 module = self._module(path)
-                expected = (delta.up.shape[0], delta.down.shape[1])
-                if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != expected:
-                    raise ValueError(f"LoRA {weights.identity} does not fit {path} (needs a {expected} Linear)")
+                # lora/formats.py checked every tensor of the file against the model and told the user which
+                # key does not fit. This only guards against deltas converted for another model (a programming
+                # error): a tuple comparison, needed because add_/copy_ would broadcast a wrong shape silently.
+                if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != tuple(delta.shape):
+                    raise ValueError(f"LoRA {weights.identity} does not fit {path} (needs a {delta.shape} Linear)")
                 if delta.has_bias and module.bias is None:
                     raise ValueError(f"LoRA {weights.identity} changes the bias of {path}, which has none")
-                plan.setdefault(path, []).append(_Term(delta, scale * delta.factor))
+                plan.setdefault(path, []).append(_Term(delta, scale))
         return plan
 
     def _fuse(self, module: nn.Linear, backup: Backup, terms: list[_Term]) -> None:
         weight, bias = self.original_as_float32(module, backup)
         device = weight.device
+        # DoRA merges against the original: keep a copy only when some term needs it.
+        original = weight.clone() if any(term.delta.magnitude is not None for term in terms) else None
         for term in terms:
-            weight.add_(term.delta.weight_delta(device).mul_(term.coefficient))
+            change = term.delta.weight_delta(device)
+            if term.delta.magnitude is None:
+                weight.add_(change.mul_(term.scale * term.delta.factor))
+            else:
+                weight.add_(dora_change(original, change.mul_(term.delta.factor), term.delta.magnitude).mul_(term.scale))
             bias_delta = term.delta.bias_delta(device)
             if bias_delta is not None:
-                bias.add_(bias_delta.mul_(term.coefficient))
+                bias.add_(bias_delta.mul_(term.scale * term.delta.factor))
         self.write_fused(module, weight, bias if any(t.delta.has_bias for t in terms) else None)

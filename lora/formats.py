@@ -2,8 +2,9 @@
 
 `read_lora` accepts safetensors only (a pickle can run code when loaded). `convert_lora` finds, for each
 LoRA module in the file, the Linear(s) it changes in the loaded transformer (and CLIP text encoder), checks
-every shape against them, and returns `LoraWeights`: per module path the down (A) and up (B) matrices and the
-alpha/rank factor, so that the effective weight is W + scale·(alpha/rank)·B·A (lora/apply.py does that).
+every shape and value against them, and returns `LoraWeights`: per module path a delta (lora/deltas.py: LoRA's
+B·A, LyCORIS LoKr's kron or LoHa's Hadamard product, optionally a DoRA magnitude) and its alpha/rank factor, so
+that the effective weight is W + scale·(alpha/rank)·ΔW (lora/apply.py does that). LyCORIS rules: lora/lycoris.py.
 
 Decisions:
 - alpha: an explicit `.alpha` key wins, then diffusers' `lora_adapter_metadata` (lora_alpha/alpha_pattern),
@@ -13,9 +14,13 @@ Decisions:
   applied to the CLIP text encoder when the caller passes one, as diffusers and ComfyUI do; otherwise they
   are ignored with a log line. T5 keys (`lora_te2_`, `text_encoder_2.`, `text_encoders.t5xxl.`) are ignored
   with a log line: no FLUX trainer we know of trains T5, and diffusers drops them too.
-- Keys that are not LoRA matrices (DoRA scales, LoKr/LoHa factors, full norm weights of BFL control LoRAs,
-  `.diff` deltas) and modules we do not have are ignored and counted; a LoRA must still change at least one
-  transformer module, and every module it names must fit, or it is refused as a whole.
+- Keys of algorithms we cannot apply (LyCORIS full `.diff`, GLoRA, IA3, OFT), full norm weights of BFL control
+  LoRAs, and modules we do not have are ignored and counted; a LoRA must still change at least one
+  transformer module, and every module it names must fit, or it is refused as a whole. A module in a known
+  format that we cannot apply (LoKr/LoHa Tucker factors for convolutions) refuses the whole file, naming it.
+- Shapes are checked here, once, against the loaded model: this is where the file's keys and the user's
+  input name are known, so the error can say which key does not fit. Values too: a tensor with NaN or Inf
+  would make every image NaN, so such a file is refused as damaged.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,44 +39,15 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from errors import UserError
-from lora import layouts
+from lora import layouts, lycoris
+from lora.deltas import LoraDelta, WeightDelta
 from lora.download.checks import sniff_format
-from lora.layouts import ALPHA, DOWN, DOWN_BIAS, UP, UP_BIAS, Target
+from lora.layouts import ALPHA, DOWN, DOWN_BIAS, MAGNITUDE, UP, UP_BIAS, Target
 
 log = logging.getLogger(__name__)
 
-_SUPPORTED = "diffusers/PEFT, ai-toolkit, kohya, ComfyUI, XLabs or BFL"
+_SUPPORTED = "diffusers/PEFT, ai-toolkit, kohya, ComfyUI, XLabs, BFL or LyCORIS (LoKr, LoHa, DoRA)"
 _METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights writes the LoraConfig here
-
-
-@dataclass(frozen=True, eq=False)
-class LoraDelta:
-    """A low-rank change of one Linear: weight += scale·factor·up@down, bias += scale·factor·bias_delta."""
-
-    down: Tensor  # A: rank × in_features
-    up: Tensor  # B: out_features × rank
-    factor: float  # alpha / rank
-    up_bias: Tensor | None = None  # bias of B (PEFT lora_bias / ai-toolkit), out_features
-    down_bias: Tensor | None = None  # bias of A (some BFL LoRAs), rank
-
-    @property
-    def has_bias(self) -> bool:
-        return self.up_bias is not None or self.down_bias is not None
-
-    def weight_delta(self, device: torch.device | str | None = None) -> Tensor:
-        """up@down in float32 (unscaled)."""
-        return self.up.to(device, torch.float32) @ self.down.to(device, torch.float32)
-
-    def bias_delta(self, device: torch.device | str | None = None) -> Tensor | None:
-        """What the LoRA adds to the bias (unscaled): B(b_A) + b_B."""
-        if not self.has_bias:
-            return None
-        delta = torch.zeros(self.up.shape[0], dtype=torch.float32, device=device)
-        if self.down_bias is not None:
-            delta += self.up.to(device, torch.float32) @ self.down_bias.to(device, torch.float32)
-        if self.up_bias is not None:
-            delta += self.up_bias.to(device, torch.float32)
-        return delta
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,7 +55,7 @@ class LoraWeights:
     """A converted LoRA: deltas by module path ("transformer.transformer_blocks.0.attn.to_q",
     "text_encoder.encoder.layers.0.self_attn.q_proj"), and what was used or ignored of the file."""
 
-    deltas: Mapping[str, LoraDelta]
+    deltas: Mapping[str, WeightDelta]
     matched: int  # file keys that went into deltas
     ignored: Mapping[str, str]  # file key -> why it was not used
     layout: str = "LoRA"  # the key layout, for the log
@@ -207,29 +183,8 @@ class _AlphaFromMetadata:
         return float(value) if value is not None else None
 
 
-_BFL_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)[._]")
-_LABELS = (
-    (("lora_unet_", "lycoris_"), "kohya"),
-    (("lora_transformer_",), "kohya (diffusers names)"),
-    (("diffusion_model.", "model.diffusion_model."), "ComfyUI"),
-    (("base_model.model.",), "PEFT"),
-    (("transformer.",), "diffusers/PEFT"),
-)
-
-
-def _layout_label(module_name: str) -> str:
-    """A name for the log of the layout a transformer module name is written in."""
-    if ".processor." in module_name:
-        return "XLabs"
-    bfl_names = " (BFL names)" if _BFL_NAME.search(module_name) else ""
-    for prefixes, label in _LABELS:
-        if module_name.startswith(prefixes):
-            return label if label in ("kohya", "ComfyUI") else label + bfl_names
-    return "BFL" if bfl_names else "diffusers/PEFT (no prefix)"
-
-
-def _check_shapes(module: _Module, target: Target) -> str | None:
-    """Why this file module does not fit its target (None when it fits)."""
+def _lora_misfit(module: _Module, target: Target) -> str | None:
+    """Why this LoRA module (down/up) does not fit its target (None when it fits)."""
     down = module.tensors[DOWN]
     rank = down.shape[0] if down.ndim == 2 else None
     expected = {
@@ -238,14 +193,19 @@ def _check_shapes(module: _Module, target: Target) -> str | None:
         DOWN_BIAS: (rank,),
         UP_BIAS: (target.out_rows,),
     }
-    alpha = module.tensors.get(ALPHA)
-    if alpha is not None and alpha.numel() != 1:
-        return f"{module.keys[ALPHA]!r} has {alpha.numel()} values, alpha must be one number"
     for role, shape in expected.items():
         if role in module.tensors and tuple(module.tensors[role].shape) != shape:
             got = "×".join(map(str, module.tensors[role].shape))
             want = "×".join("rank" if size is None else str(size) for size in shape)
             return f"{module.keys[role]!r} is {got}, this model needs {want}"
+    return None
+
+
+def _non_finite_key(module: _Module) -> str | None:
+    """The first key of this module holding NaN or Inf."""
+    for role, tensor in module.tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+            return module.keys[role]
     return None
 
 
@@ -263,21 +223,44 @@ def _split(tensor: Tensor | None, rows: tuple[slice, ...] | None) -> Tensor | No
     return torch.cat([tensor[row] for row in rows]).contiguous()
 
 
-def _module_deltas(module: _Module, target: Target, alpha_from_metadata: _AlphaFromMetadata) -> dict[str, LoraDelta]:
-    """One file module's deltas per real Linear; a fused module's up matrix (and up bias) is split by rows."""
+def _lora_deltas(module: _Module, target: Target, alpha_from_metadata: _AlphaFromMetadata) -> list[LoraDelta]:
+    """A LoRA module's delta per real Linear; a fused module's up matrix (and up bias) is split by rows."""
+    misfit = _lora_misfit(module, target)
+    if misfit:
+        raise ValueError(misfit)
     rank = module.tensors[DOWN].shape[0]
     file_alpha = float(module.tensors[ALPHA].item()) if ALPHA in module.tensors else None
-    deltas = {}
+    deltas = []
     for piece in target.pieces:
         alpha = file_alpha if file_alpha is not None else alpha_from_metadata.alpha(piece.path)
-        deltas[piece.path] = LoraDelta(
+        deltas.append(LoraDelta(
             down=module.tensors[DOWN],
             up=_split(module.tensors[UP], piece.rows),
             factor=1.0 if not alpha else alpha / rank,
             up_bias=_split(module.tensors.get(UP_BIAS), piece.rows),
             down_bias=module.tensors.get(DOWN_BIAS),
-        )
+        ))
     return deltas
+
+
+def _module_deltas(
+    module: _Module, kind: str, target: Target, alpha_from_metadata: _AlphaFromMetadata,
+) -> dict[str, WeightDelta]:
+    """One file module's deltas per real Linear, with their DoRA magnitudes.
+
+    Raises ValueError when the module does not fit the model, lycoris.Unsupported when we cannot apply it."""
+    alpha = module.tensors.get(ALPHA)
+    if alpha is not None and alpha.numel() != 1:
+        raise ValueError(f"{module.keys[ALPHA]!r} has {alpha.numel()} values, alpha must be one number")
+    if kind == lycoris.LORA:
+        deltas = _lora_deltas(module, target, alpha_from_metadata)
+    else:
+        deltas = lycoris.lycoris_deltas(kind, module.tensors, module.keys, target)
+    magnitudes = lycoris.magnitudes(module.tensors, module.keys, target)
+    return {
+        piece.path: delta if magnitude is None else replace(delta, magnitude=magnitude)
+        for piece, delta, magnitude in zip(target.pieces, deltas, magnitudes, strict=True)
+    }
 
 
 def convert_lora(
@@ -304,8 +287,9 @@ def convert_lora(
     table = layouts.ModuleTable(transformer, text_encoder)
     components = {"transformer": transformer, **({"text_encoder": text_encoder} if text_encoder else {})}
     alpha_from_metadata = _AlphaFromMetadata(metadata)
-    deltas: dict[str, LoraDelta] = {}
+    deltas: dict[str, WeightDelta] = {}
     misfits: list[str] = []
+    unsupported: list[str] = []  # modules in a format we know but cannot apply
     seen_layouts: Counter[str] = Counter()
     matched = 0
 
@@ -323,14 +307,21 @@ def convert_lora(
             else:
                 ignore(module, "for no module of this model")
             continue
-        if DOWN not in module.tensors or UP not in module.tensors:
+        try:
+            kind = lycoris.algorithm(set(module.tensors))
+        except lycoris.Unsupported as error:
+            unsupported.append(f"{module.name!r} {error}")
+            continue
+        if kind is None or (kind == lycoris.LORA and not {DOWN, UP} <= module.tensors.keys()):
             ignore(module, "without their down/up partner")
             continue
+        damaged = _non_finite_key(module)
+        if damaged:
+            raise UserError(
+                f"{input_name}: the LoRA file has non-finite values (NaN or Inf) in {damaged!r}; it is damaged. "
+                "Train or export it again, or use another file."
+            )
         module.tensors = {role: _as_matrix(tensor) for role, tensor in module.tensors.items()}
-        misfit = _check_shapes(module, target)
-        if misfit:
-            misfits.append(misfit)
-            continue
         has_bias = DOWN_BIAS in module.tensors or UP_BIAS in module.tensors
         if has_bias and not _bias_is_supported(target, components):
             for role in (DOWN_BIAS, UP_BIAS):
@@ -340,12 +331,25 @@ def convert_lora(
         if any(piece.path in deltas for piece in target.pieces):
             ignore(module, "a second LoRA for the same module")
             continue
+        try:
+            module_deltas = _module_deltas(module, kind, target, alpha_from_metadata)
+        except ValueError as misfit:
+            misfits.append(str(misfit))
+            continue
+        except lycoris.Unsupported as error:
+            unsupported.append(str(error))
+            continue
 
-        deltas.update(_module_deltas(module, target, alpha_from_metadata))
+        deltas.update(module_deltas)
         matched += len(module.keys)
         if target.pieces[0].path.startswith("transformer."):
-            seen_layouts[_layout_label(module.name)] += 1
-
+            kinds = ([] if kind == lycoris.LORA else [kind]) + (["DoRA"] if MAGNITUDE in module.tensors else [])
+            seen_layouts[" ".join([layouts.layout_label(module.name), *kinds])] += 1
+    if unsupported:
+        raise UserError(
+            f"{input_name}: this LoRA uses a LyCORIS/DoRA variant we cannot apply yet in {len(unsupported)} of its "
+            f"modules ({unsupported[0]}). LoRA, LoKr, LoHa and DoRA files for Linear layers are supported."
+        )
     if misfits:
         raise UserError(
             f"{input_name}: this LoRA does not fit FLUX.1: {len(misfits)} of its modules have other shapes "

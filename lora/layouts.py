@@ -4,12 +4,12 @@ Every layout we accept names the same few things in different spellings:
 - the module: diffusers names (`transformer_blocks.0.attn.to_q`), BFL/original names
   (`double_blocks.0.img_attn.qkv`), XLabs processor names (`double_blocks.0.processor.qkv_lora1`),
   each either dotted or with dots turned into underscores (kohya), behind a trainer-specific prefix;
-- the tensor's role: down/A, up/B, alpha, or a bias of either.
+- the tensor's role: down/A, up/B, alpha, a bias of either, a DoRA magnitude, or a LyCORIS LoKr/LoHa factor.
 
 Rather than one converter per layout, we build one table from the loaded model: every name a module can
 have (in every naming) maps to a `Target`. A target is one Linear, or several for BFL's fused layers
 (`img_attn.qkv` = to_q|to_k|to_v, `linear1` = to_q|to_k|to_v|proj_mlp): the up matrix is then split by rows,
-with the row counts taken from the real modules, so any FLUX-shaped model works (diffusers' converters
+with the row counts taken from the real modules (LyCORIS deltas are split by rows too, see lora/lycoris.py), so any FLUX-shaped model works (diffusers' converters
 hard-code FLUX.1's 3072/12288 and 19/38 blocks). Naming facts follow diffusers'
 `lora_conversion_utils` (kohya, XLabs and BFL converters).
 """
@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-# Roles of a tensor within one LoRA module.
-DOWN, UP, ALPHA, DOWN_BIAS, UP_BIAS = "down", "up", "alpha", "down_bias", "up_bias"
+# Roles of a tensor within one LoRA module. LyCORIS roles are named as in the file (`lokr_w1`, `hada_w2_b`...).
+DOWN, UP, ALPHA, DOWN_BIAS, UP_BIAS, MAGNITUDE = "down", "up", "alpha", "down_bias", "up_bias", "magnitude"
+LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 _ROLE_PATTERNS: tuple[tuple[re.Pattern[str], Mapping[str, str]], ...] = (
     # PEFT/diffusers/ai-toolkit/BFL: x.lora_A.weight, x.lora_A.default.weight (adapter-named PEFT)
@@ -32,6 +34,13 @@ _ROLE_PATTERNS: tuple[tuple[re.Pattern[str], Mapping[str, str]], ...] = (
     # kohya / ComfyUI
     (re.compile(r"^(.+)\.lora_(down|up)\.(weight|bias)$"),
      {"down.weight": DOWN, "up.weight": UP, "down.bias": DOWN_BIAS, "up.bias": UP_BIAS}),
+    # DoRA magnitudes: PEFT writes x.lora_magnitude_vector (older versions and diffusers' conversion add
+    # .weight, a raw PEFT model adds the adapter name), LyCORIS x.dora_scale
+    (re.compile(r"^(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?()$"), {"lora_magnitude_vector.": MAGNITUDE}),
+    (re.compile(r"^(.+)\.(dora_scale)()$"), {"dora_scale.": MAGNITUDE}),
+    # LyCORIS LoKr and LoHa factors (kohya/LyCORIS names and PEFT's, which are the same)
+    (re.compile(rf"^(.+)\.({'|'.join(LOKR_ROLES + LOHA_ROLES)})()$"),
+     {f"{role}.": role for role in LOKR_ROLES + LOHA_ROLES}),
     # old diffusers attention processors (x.lora.down.weight, x.lora_linear_layer.up.weight) and XLabs
     # (double_blocks.0.processor.qkv_lora1.down.weight)
     (re.compile(r"^(.+?)(?:\.lora|\.lora_linear_layer)?\.(down|up)\.(weight)$"),
@@ -40,10 +49,12 @@ _ROLE_PATTERNS: tuple[tuple[re.Pattern[str], Mapping[str, str]], ...] = (
 )
 
 
+# Other algorithms' keys: LyCORIS full (.diff), GLoRA, IA3, (B)OFT and norm layers.
 _UNSUPPORTED_KINDS = (
-    (re.compile(r"\.(lokr_|hada_)"), "LyCORIS LoKr/LoHa tensors (not supported)"),
-    (re.compile(r"\.dora_scale$|lora_magnitude_vector"), "DoRA magnitudes (not supported; the rest loads as LoRA)"),
-    (re.compile(r"\.diff(_b)?$"), "full weight differences (not supported)"),
+    (re.compile(r"\.diff(_b)?$"), "full weight differences (LyCORIS full/.diff, not supported)"),
+    (re.compile(r"\.(a1|a2|b1|b2|bm)\.weight$"), "LyCORIS GLoRA tensors (not supported)"),
+    (re.compile(r"\.on_input$"), "IA3 tensors (not supported)"),
+    (re.compile(r"\.(oft_blocks|oft_diag|rescale)$"), "LyCORIS OFT/BOFT tensors (not supported)"),
 )
 
 
@@ -56,13 +67,34 @@ def unsupported_kind(key: str) -> str:
 
 
 def split_key(key: str) -> tuple[str, str] | None:
-    """(module name as written, role) for a LoRA tensor key; None for anything else (DoRA, LoKr, norms...)."""
+    """(module name as written, role) for a LoRA/LyCORIS tensor key; None for anything else (norms, .diff...)."""
     for pattern, roles in _ROLE_PATTERNS:
         match = pattern.match(key)
         if match:
             module, kind, param = match.groups()
             return module, roles[f"{kind}.{param}"]
     return None
+
+
+_BFL_NAME = re.compile(r"(^|[._])(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)[._]")
+_LABELS = (
+    (("lora_unet_", "lycoris_"), "kohya"),
+    (("lora_transformer_",), "kohya (diffusers names)"),
+    (("diffusion_model.", "model.diffusion_model."), "ComfyUI"),
+    (("base_model.model.",), "PEFT"),
+    (("transformer.",), "diffusers/PEFT"),
+)
+
+
+def layout_label(module_name: str) -> str:
+    """A name for the log of the layout a transformer module name is written in."""
+    if ".processor." in module_name:
+        return "XLabs"
+    bfl_names = " (BFL names)" if _BFL_NAME.search(module_name) else ""
+    for prefixes, label in _LABELS:
+        if module_name.startswith(prefixes):
+            return label if label in ("kohya", "ComfyUI") else label + bfl_names
+    return "BFL" if bfl_names else "diffusers/PEFT (no prefix)"
 
 
 @dataclass(frozen=True)

@@ -191,7 +191,7 @@ def test_partial_match_logs_matched_and_ignored_counts(models, tmp_path, caplog)
     tensors, _ = factory.LAYOUTS["kohya"](spec, transformer)
     tensors |= {
         "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(4, 32),  # T5
-        "lora_unet_single_blocks_0_linear1.dora_scale": torch.ones(1, 32),  # DoRA, not supported
+        "lora_unet_single_blocks_0_linear1.dora_scale": torch.ones(1, 32),  # a DoRA magnitude without its LoRA
         "lora_unet_some_block_we_do_not_have.lora_down.weight": torch.zeros(4, 32),
     }
     with caplog.at_level(logging.INFO, logger="lora"):
@@ -251,6 +251,16 @@ REAL_WORLD_KEYS = {
         "down", ["text_encoder:encoder.layers.1.self_attn.out_proj"]),
     "lora_te_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight": (
         "down", ["text_encoder:encoder.layers.0.self_attn.k_proj"]),
+    # LyCORIS (kohya names, and diffusers names behind lycoris_) and DoRA
+    "lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": (
+        "lokr_w1", ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"]),
+    "lycoris_transformer_blocks_0_attn_to_q.lokr_w2_b": ("lokr_w2_b", ["transformer_blocks.0.attn.to_q"]),
+    "lora_unet_single_blocks_1_linear2.hada_w1_a": ("hada_w1_a", ["single_transformer_blocks.1.proj_out"]),
+    "transformer.transformer_blocks.0.attn.to_k.hada_w2_b": ("hada_w2_b", ["transformer_blocks.0.attn.to_k"]),
+    "lora_unet_double_blocks_1_txt_mlp_0.dora_scale": ("magnitude", ["transformer_blocks.1.ff_context.net.0.proj"]),
+    "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": ("magnitude", ["transformer_blocks.0.attn.to_q"]),
+    "transformer.proj_out.lora_magnitude_vector.weight": ("magnitude", ["proj_out"]),
+    "base_model.model.img_in.lora_magnitude_vector.default.weight": ("magnitude", ["x_embedder"]),
 }
 
 
@@ -267,7 +277,7 @@ def test_real_world_key_spellings(key, pristine):
     assert [piece.path for piece in target.pieces] == expected
 
 
-@pytest.mark.parametrize("key", ["lora_unet_double_blocks_0_img_attn_qkv.lokr_w1", "x.hada_w1_a",
+@pytest.mark.parametrize("key", ["lora_unet_double_blocks_0_img_attn_qkv.a1.weight", "x.on_input",
                                  "diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale",
                                  "lora_unet_single_blocks_0_linear1.diff_b", "transformer.x_embedder.weight"])
 def test_non_lora_tensors_are_not_taken_for_lora(key):
@@ -276,10 +286,14 @@ def test_non_lora_tensors_are_not_taken_for_lora(key):
     assert split_key(key) is None
 
 
-def test_lokr_file_is_refused_with_its_kind_named(models):
-    tensors = {"lycoris_double_blocks_0_img_attn_qkv.lokr_w1": torch.zeros(4, 4),
-               "lycoris_double_blocks_0_img_attn_qkv.lokr_w2": torch.zeros(24, 8)}
-    with pytest.raises(UserError, match=r"^extra_lora: .*LyCORIS LoKr/LoHa tensors \(not supported\)"):
+@pytest.mark.parametrize(("tensors", "named"), [
+    ({"lycoris_double_blocks_0_img_attn_proj.diff": torch.zeros(32, 32)}, r"full weight differences"),
+    ({"lora_unet_double_blocks_0_img_attn_proj.a1.weight": torch.zeros(4, 32)}, r"GLoRA"),
+    ({"lora_unet_double_blocks_0_img_attn_proj.weight": torch.zeros(32),
+      "lora_unet_double_blocks_0_img_attn_proj.on_input": torch.tensor(True)}, r"IA3"),
+])
+def test_file_of_an_algorithm_we_cannot_apply_is_refused_naming_it(models, tensors, named):
+    with pytest.raises(UserError, match=rf"^extra_lora: .*{named}.*not supported"):
         convert_lora(tensors, input_name="extra_lora", transformer=models[0])
 
 
