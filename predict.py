@@ -6,7 +6,8 @@
 Point cog.yaml's `predict` at the one you deploy, then run script/schema.
 
 Defaults, bounds and descriptions are literals in each signature because cog reads this file statically (so the
-variants repeat them); flux/request.py holds the same bounds and a test checks they agree. Behaviour lives in flux/.
+variants repeat them); flux/request.py holds the same bounds (`limits` below, so that an in-process call keeps to the
+schema of the class called) and tests/test_schema.py checks every variant against it. Behaviour lives in flux/.
 """
 
 import logging
@@ -15,10 +16,12 @@ from typing import List, Optional
 
 from cog import BasePredictor, Input, Path
 
-from flux.request import build_request
+from flux.request import LEGACY_LIMITS, LIMITS, build_request
 
 
 class Predictor(BasePredictor):
+    limits = LIMITS
+
     def setup(self, weights: Optional[str] = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         # imported here so that reading the schema (script/schema) does not load torch
@@ -112,7 +115,7 @@ class Predictor(BasePredictor):
 
     def generate(self, **inputs: object) -> List[Path]:
         """Every variant ends here: validate into a request (defaults for inputs it lacks) and run it."""
-        request = build_request(**inputs)
+        request = build_request(**inputs, limits=self.limits)
         return [Path(p) for p in self.generator.run(request)]
 
 
@@ -202,6 +205,8 @@ class FastPredictor(Predictor):
 
 class LegacyPredictor(Predictor):
     """The older flux-fine-tuner page (replicate_weights is its hidden x-order 12)."""
+
+    limits = LEGACY_LIMITS  # lora_scale up to 2
 
     def predict(
         self,

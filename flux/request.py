@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 MAX_SEED = 2**63  # torch generators take 64-bit seeds; seed + i must stay in range
 MODELS = ["dev", "schnell"]
 OUTPUT_FORMATS = ["webp", "jpg", "png"]
-# Inclusive bounds; predict.py repeats them as literals for cog's static schema reader, and a test checks they agree.
+# Inclusive bounds of the trained-LoRA pages (Predictor, FastPredictor). predict.py repeats them as literals for cog's
+# static schema reader; tests/test_schema.py checks every variant's bounds and defaults against this module.
 LIMITS: dict[str, tuple[float, float]] = {
     "prompt_strength": (0, 1),
     "num_outputs": (1, 4),
@@ -28,6 +30,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "lora_scale": (-1, 3),
     "extra_lora_scale": (-1, 3),
 }
+# The older flux-fine-tuner page (LegacyPredictor) allows lora_scale up to 2 only; in-process calls keep to it too.
+LEGACY_LIMITS: dict[str, tuple[float, float]] = {**LIMITS, "lora_scale": (-1, 2)}
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,12 @@ def build_request(
     lora_scale: float = 1.0,
     extra_lora: str | None = None,
     extra_lora_scale: float = 1.0,
+    limits: Mapping[str, tuple[float, float]] = LIMITS,
 ) -> GenerationRequest:
-    """Validate raw inputs (as cog passes them: no type coercion) and decode the images."""
+    """Validate raw inputs (as cog passes them: no type coercion) and decode the images.
+
+    `limits` are the bounds of the schema variant that was called (LIMITS or LEGACY_LIMITS).
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError("prompt: is empty; describe the image you want (for a trained LoRA, include its trigger word).")
     _check_choice("model", model, MODELS)
@@ -102,23 +110,23 @@ def build_request(
     _check_choice("aspect_ratio", aspect_ratio, ASPECT_RATIOS)
     _check_choice("megapixels", str(megapixels), MEGAPIXELS)
     numbers = {
-        "prompt_strength": _number("prompt_strength", prompt_strength),
-        "num_outputs": _integer("num_outputs", num_outputs),
-        "num_inference_steps": _integer("num_inference_steps", num_inference_steps),
-        "guidance_scale": _number("guidance_scale", guidance_scale),
-        "output_quality": _integer("output_quality", output_quality),
+        "prompt_strength": _number("prompt_strength", prompt_strength, limits),
+        "num_outputs": _integer("num_outputs", num_outputs, limits),
+        "num_inference_steps": _integer("num_inference_steps", num_inference_steps, limits),
+        "guidance_scale": _number("guidance_scale", guidance_scale, limits),
+        "output_quality": _integer("output_quality", output_quality, limits),
     }
+    main_lora_scale = _number("lora_scale", lora_scale, limits)
     loras = tuple(
-        LoraSpec(source.strip(), _number(scale_name, scale), source_name)
-        for source_name, source, scale_name, scale in (
-            ("replicate_weights", replicate_weights, "lora_scale", lora_scale),
-            ("extra_lora", extra_lora, "extra_lora_scale", extra_lora_scale),
+        LoraSpec(source.strip(), scale, source_name)
+        for source_name, source, scale in (
+            ("replicate_weights", replicate_weights, main_lora_scale),
+            ("extra_lora", extra_lora, _number("extra_lora_scale", extra_lora_scale, limits)),
         )
         if source is not None and str(source).strip()
     )
-    main_lora_scale = _number("lora_scale", lora_scale)
     if seed is not None:
-        seed = _integer("seed", seed, bounded=False)
+        seed = _integer("seed", seed)
         if seed >= MAX_SEED:
             raise UserError(f"seed: {seed} is too large; use a number below {MAX_SEED} (or leave it empty for a random one).")
 
@@ -135,8 +143,8 @@ def build_request(
         width, height = output_size(
             aspect_ratio,
             str(megapixels),
-            _integer("width", width, bounded=False) if custom and width is not None else None,
-            _integer("height", height, bounded=False) if custom and height is not None else None,
+            _integer("width", width) if custom and width is not None else None,  # bounds: flux/sizes.py
+            _integer("height", height) if custom and height is not None else None,
         )
     return GenerationRequest(
         prompt=prompt,
@@ -164,22 +172,25 @@ def _check_choice(name: str, value: object, choices: list[str]) -> None:
         raise UserError(f"{name}: {value!r} is not one of {', '.join(choices)}.")
 
 
-def _number(name: str, value: object) -> float:
+def _number(name: str, value: object, limits: Mapping[str, tuple[float, float]]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{name}: expected a number, got {value!r}.")
-    low, high = LIMITS[name]
-    if not low <= value <= high:
-        raise UserError(f"{name}: {value} is out of range; use {low:g} to {high:g}.")
+    _check_range(name, value, limits)
     return float(value)
 
 
-def _integer(name: str, value: object, bounded: bool = True) -> int:
+def _integer(name: str, value: object, limits: Mapping[str, tuple[float, float]] | None = None) -> int:
+    """A whole number (2.0 is accepted as 2), within `limits[name]` when limits are given."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise UserError(f"{name}: expected a whole number, got {value!r}.")
-    if bounded:
-        low, high = LIMITS[name]
-        if not low <= value <= high:
-            raise UserError(f"{name}: {value} is out of range; use {low:g} to {high:g}.")
+    if limits is not None:
+        _check_range(name, value, limits)
     return value
+
+
+def _check_range(name: str, value: float, limits: Mapping[str, tuple[float, float]]) -> None:
+    low, high = limits[name]
+    if not low <= value <= high:
+        raise UserError(f"{name}: {value} is out of range; use {low:g} to {high:g}.")

@@ -1,13 +1,13 @@
 """`script/predict -i prompt="a photo of TOK" [-i image=@photo.png] [-o DIR]`: one prediction, like `cog predict`.
 
-Runs the predictor in this process (no Docker). Values are typed from the input schema, `@path` passes a file,
-and outputs are written as output.{i}.{ext} in the output directory (default: the working directory).
+Runs the predictor class that cog.yaml names, in this process (no Docker). Values are typed and checked against that
+class's input schema, `@path` passes a file, and outputs are written as output.{i}.{ext} in the output directory
+(default: the working directory).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -93,7 +93,13 @@ def main() -> int:
     parser.add_argument("-o", "--output-dir", default=".", help="where output.{i}.{ext} are written (default: .)")
     args = parser.parse_args()
 
-    schema = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    from _schema import openapi_document
+    from cog_inputs import load_predictor, predict_with_defaults, predictor_ref
+
+    ref = predictor_ref()  # the class cog.yaml deploys, as `cog predict` would
+    predictor_class = load_predictor(ref)  # predict.py needs no torch to import
+    print(f"Predictor: {ref} (from cog.yaml)", file=sys.stderr)
+    schema = openapi_document(predictor_class)  # its own schema, even when .cog/openapi_schema.json is stale
     inputs = parse_inputs(args.input, schema["components"]["schemas"]["Input"]["properties"])
     if "prompt" not in inputs:
         raise SystemExit('-i prompt=... is required, e.g. script/predict -i prompt="a photo of TOK"')
@@ -101,12 +107,10 @@ def main() -> int:
 
     # the person at this terminal owns the machine: local LoRA files are fine here (servers default to none)
     os.environ.setdefault("FLUX_LORA_LOCAL_DIRS", os.sep)
-    from cog_inputs import load_predictor, predict_with_defaults, predictor_ref
-
     from errors import UserError
 
     started = time.perf_counter()
-    predictor = load_predictor(predictor_ref())()  # the class cog.yaml deploys, as `cog predict` would
+    predictor = predictor_class()
     predictor.setup()
     print(f"Setup took {time.perf_counter() - started:.2f}s", file=sys.stderr)
     try:

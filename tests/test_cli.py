@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.fixtures.servers"]
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, root: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "script" / "_predict.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, str(root / "script" / "_predict.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
     )
 
 
@@ -60,3 +61,24 @@ def test_bad_inputs_are_refused_before_loading_models(tmp_path):
     for args, message in cases:
         result = run_cli(*args, cwd=tmp_path)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
+
+
+def test_predict_builds_and_validates_the_class_cog_yaml_names(tmp_path):
+    """A copy of the project whose cog.yaml deploys LegacyPredictor: script/predict follows it, schema included."""
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "tests", "*_cache", "__pycache__"))
+    config = (copy / "cog.yaml").read_text()
+    assert 'predict: "predict.py:Predictor"' in config
+    (copy / "cog.yaml").write_text(config.replace("predict.py:Predictor", "predict.py:LegacyPredictor"))
+    cases = [
+        (["-i", "prompt=x", "-i", "lora_scale=2.5"], "lora_scale: 2.5 is greater than the maximum of 2"),
+        (["-i", "prompt=x", "-i", "go_fast=true"], "go_fast: unknown input"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args, cwd=tmp_path, root=copy)
+        assert "Predictor: predict.py:LegacyPredictor (from cog.yaml)" in result.stderr, result.stderr[-500:]
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-500:])
+    # this repo's own cog.yaml deploys Predictor, whose lora_scale goes up to 3
+    result = run_cli("-i", "prompt=x", "-i", "lora_scale=3.5", cwd=tmp_path)
+    assert "Predictor: predict.py:Predictor (from cog.yaml)" in result.stderr
+    assert "lora_scale: 3.5 is greater than the maximum of 3" in result.stderr

@@ -45,6 +45,16 @@ def test_custom_without_size():
         build_request(prompt="x", aspect_ratio="custom", width=512)
 
 
+def test_custom_size_rounds_up_as_the_hosted_model():
+    request = build_request(prompt="x", aspect_ratio="custom", width=1010, height=257)
+    assert (request.width, request.height) == (1024, 272)
+
+
+def test_image_too_elongated_for_64_px_is_refused(tmp_path):
+    with pytest.raises(UserError, match="^image: 4000x64 is too elongated"):
+        build_request(prompt="x", image=png(tmp_path, (4000, 64)))
+
+
 def test_size_with_non_custom_ratio_is_ignored_with_a_log(caplog):
     with caplog.at_level(logging.INFO):
         request = build_request(prompt="x", aspect_ratio="16:9", width=300, height=300)

@@ -1,14 +1,18 @@
 """The OpenAPI schema matches the Replicate seed pages, is current, and cog.yaml is valid."""
 
+import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 import yaml
 
-from flux.request import LIMITS
+from errors import UserError
+from flux.request import LEGACY_LIMITS, LIMITS, MODELS, OUTPUT_FORMATS, build_request
+from flux.sizes import ASPECT_RATIOS, CUSTOM_MAX, CUSTOM_MIN, MEGAPIXELS
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "schemas"  # origins: its README.md
@@ -36,11 +40,12 @@ def test_schema_file_is_current():
     assert result.returncode == 0, result.stderr
 
 
-def variant_schemas(ref: str) -> dict:
-    sys.path.insert(0, str(ROOT / "script"))
-    from _schema import openapi_document
-    from cog_inputs import load_predictor
+sys.path.insert(0, str(ROOT / "script"))
+from _schema import openapi_document  # noqa: E402
+from cog_inputs import load_predictor, predict_with_defaults  # noqa: E402
 
+
+def variant_schemas(ref: str) -> dict:
     return openapi_document(load_predictor(ref))["components"]["schemas"]
 
 
@@ -89,10 +94,77 @@ def test_enum_components_follow_cog_rules():
         assert schemas[name]["type"] == "string"
 
 
-def test_request_limits_agree_with_predict_literals():
-    ours = resolved_inputs()
-    for name, (low, high) in LIMITS.items():
-        assert (ours[name]["minimum"], ours[name]["maximum"]) == (low, high), name
+VARIANTS = ["predict.py:Predictor", "predict.py:FastPredictor", "predict.py:LegacyPredictor"]
+# Where a variant's schema legitimately differs from flux/request.py's LIMITS and build_request's defaults, as its
+# seed page does. Anything not listed here must agree.
+STATED_DEFAULTS = {
+    "predict.py:FastPredictor": {"go_fast": True},  # seed 001
+    "predict.py:LegacyPredictor": {"guidance_scale": 3.5},  # seed 002
+}
+STATED_LIMITS = {"predict.py:LegacyPredictor": {"lora_scale": (-1, 2)}}  # seed 002: lora_scale le=2
+CHOICES = {"aspect_ratio": ASPECT_RATIOS, "megapixels": MEGAPIXELS, "model": MODELS, "output_format": OUTPUT_FORMATS}
+
+
+@pytest.mark.parametrize("ref", VARIANTS)
+def test_every_bound_choice_and_default_agrees_with_request_and_sizes(ref):
+    ours = resolved_inputs(variant_schemas(ref))
+    limits = load_predictor(ref).limits
+    request_defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(build_request).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    assert set(ours) <= set(request_defaults) | {"prompt"}, "every input reaches build_request"
+    expected_limits = {**LIMITS, **STATED_LIMITS.get(ref, {})}
+    assert dict(limits) == expected_limits, "the class passes exactly its page's bounds to build_request"
+    expected_defaults = {**request_defaults, **STATED_DEFAULTS.get(ref, {})}
+    for name, prop in ours.items():
+        bounds = (prop.get("minimum"), prop.get("maximum"))
+        if name in ("width", "height"):
+            assert bounds == (CUSTOM_MIN, CUSTOM_MAX), name
+        elif name in expected_limits:
+            assert bounds == expected_limits[name], name
+        else:
+            assert bounds == (None, None), f"{name} has a bound that flux/request.py does not know"
+        assert prop.get("enum") == CHOICES.get(name), name
+        if name != "prompt":
+            # cog leaves a None default out of the schema
+            assert prop.get("default") == expected_defaults[name], name
+
+
+def test_stated_differences_are_the_seed_pages_own():
+    trained = json.loads((REFERENCE / "trained-lora.input.json").read_text())["properties"]
+    legacy = json.loads((REFERENCE / "legacy-fine-tuner.input.json").read_text())["properties"]
+    assert (trained["lora_scale"]["maximum"], legacy["lora_scale"]["maximum"]) == (3, 2)
+    assert (trained["guidance_scale"]["default"], legacy["guidance_scale"]["default"]) == (3, 3.5)
+    assert trained["go_fast"]["default"] is False
+    assert {k for k in LIMITS if LEGACY_LIMITS[k] != LIMITS[k]} == {"lora_scale"}
+
+
+class RecordingGenerator:
+    """Stands in for the model (not under test here): keeps the request that validation produced."""
+
+    def run(self, request):
+        self.request = request
+        return []
+
+
+def called(ref: str, **inputs):
+    """predict() of a variant, in process, with the model replaced by a recorder."""
+    predictor = load_predictor(ref)()
+    predictor.generator = RecordingGenerator()
+    predict_with_defaults(predictor, prompt="x", **inputs)
+    return predictor.generator.request
+
+
+def test_in_process_calls_keep_to_the_schema_of_the_class_called():
+    """coglet refuses lora_scale 2.5 for LegacyPredictor by its schema; an in-process call must too."""
+    assert called("predict.py:Predictor", replicate_weights="owner/model", lora_scale=2.5).main_lora_scale == 2.5
+    with pytest.raises(UserError, match=r"^lora_scale: 2.5 is out of range; use -1 to 2"):
+        called("predict.py:LegacyPredictor", replicate_weights="owner/model", lora_scale=2.5)
+    assert called("predict.py:LegacyPredictor").guidance_scale == 3.5
+    assert called("predict.py:FastPredictor").go_fast is True
+    assert called("predict.py:Predictor").go_fast is False
 
 
 def test_cog_yaml_is_valid_against_cogs_config_schema():
