@@ -58,10 +58,10 @@ _declare("REPLICATE_API_TOKEN", "", "Replicate token; sent only to the Replicate
 # --- downloads -----------------------------------------------------------------------------------------------
 _declare("FLUX_DOWNLOAD_CONNECTIONS", "8", "parallel ranged connections per file")
 _declare("FLUX_DOWNLOAD_CHUNK_MB", "64", "largest ranged chunk, in MiB")
-_declare("FLUX_DOWNLOAD_CONNECT_TIMEOUT_S", "10", "connect timeout, seconds")
-_declare("FLUX_DOWNLOAD_READ_TIMEOUT_S", "60", "longest wait for the next bytes, seconds")
-_declare("FLUX_DOWNLOAD_TIMEOUT_S", "1800", "overall deadline for one file, seconds")
-_declare("FLUX_DOWNLOAD_RETRIES", "2", "further attempts after a network failure")
+_declare("FLUX_DOWNLOAD_CONNECT_TIMEOUT_S", "10", "connect timeout, seconds (not retried)")
+_declare("FLUX_DOWNLOAD_STALL_TIMEOUT_S", "20", "a download that gets less than 16 KiB in this many seconds has stalled and fails at once (not retried)")
+_declare("FLUX_DOWNLOAD_TIMEOUT_S", "600", "overall deadline for one file, seconds (3 GB at 5 MB/s)")
+_declare("FLUX_DOWNLOAD_RETRIES", "1", "further attempts after a quick failure (5xx, dropped connection); never for stalls or timeouts")
 _declare("FLUX_ALLOW_PRIVATE_URLS", "", "`1`: user URLs may reach private, loopback and link-local addresses")
 
 TRUSTED_BASE_URL_SETTINGS = ("HF_ENDPOINT", "FLUX_CIVITAI_BASE_URL", "FLUX_REPLICATE_BASE_URL")

@@ -16,7 +16,11 @@ Sources (parsed by `lora.sources`) and where their bytes come from:
   existence of, its own files for a user. The operator's own sources (the deployment's default LoRA) pass
   `allow_any_local_path=True`.
 A downloaded file may be a .safetensors or a tar holding exactly one; the content decides, not the name.
-Pickle checkpoints (.ckpt/.pt/.bin) are refused. Every file's safetensors header is checked.
+Checks, each once: a name that says pickle (.ckpt/.bin...) is refused by `lora.sources` before any download;
+the content is sniffed where its bytes arrive (`accepted_format`), and every file's safetensors header is
+checked as the safetensors library would (`check_safetensors`). The format layer then trusts the file.
+A cache hit's header is checked again before it is served (damage that kept size and mtime passes the cache's
+own checks): a damaged entry is dropped and fetched once more. `cancelled` ends a download within a second.
 
 Hugging Face pick rule, when the source names no file: the repo's .safetensors files (any folder) are the
 candidates. One candidate: take it. Several: take `lora.safetensors` at the repo root, else
@@ -32,7 +36,7 @@ commit to pin one. Environment:
   FLUX_LORA_MAX_GB         largest LoRA file accepted (3)
   FLUX_REPLICATE_BASE_URL  (https://replicate.com)   FLUX_CIVITAI_BASE_URL (https://civitai.com)
   HF_ENDPOINT              (https://huggingface.co)
-plus the downloader's settings (lora.download.downloader).
+plus the downloader's settings (lora.download.config).
 """
 
 from __future__ import annotations
@@ -50,15 +54,10 @@ from huggingface_hub.hf_api import RepoFile
 import settings
 from errors import UserError
 from lora.download.cache import GB, MB, FileCache
-from lora.download.checks import PICKLE_SUFFIXES, check_safetensors, extract_single_safetensors, sniff_format
-from lora.download.downloader import (
-    Downloader,
-    DownloadError,
-    DownloadSettings,
-    FetchResult,
-    HTTPStatusError,
-    Resolved,
-)
+from lora.download.checks import PICKLE_SUFFIXES, accepted_format, check_safetensors, extract_single_safetensors
+from lora.download.config import DownloadSettings
+from lora.download.downloader import Cancelled, Downloader, FetchResult, Resolved
+from lora.download.errors import HostFailed, HTTPStatusError
 from lora.sources import (
     CivitAISource,
     DataUriSource,
@@ -87,12 +86,20 @@ def lora_downloader() -> Downloader:
 
 
 def fetch_lora(
-    source: str, *, input_name: str, downloader: Downloader | None = None, allow_any_local_path: bool = False
+    source: str,
+    *,
+    input_name: str,
+    downloader: Downloader | None = None,
+    allow_any_local_path: bool = False,
+    cancelled: Cancelled | None = None,
 ) -> Path:
-    """The path of a local, checked .safetensors file for a LoRA source string. UserError on bad input."""
+    """The path of a local, checked .safetensors file for a LoRA source string. UserError on bad input,
+    UpstreamError when a host fails, DownloadCancelled once `cancelled()` is true."""
     parsed = parse_source(source, input_name=input_name)
-    fetcher = _Fetcher(parsed, input_name, downloader or lora_downloader(), allow_any_local_path)
+    fetcher = _Fetcher(parsed, input_name, downloader or lora_downloader(), allow_any_local_path, cancelled)
     result = fetcher.run()
+    if result.cache_hit:
+        result = fetcher.intact_hit(result)
     how = "cache hit" if result.cache_hit else "downloaded"
     if isinstance(parsed, LocalPathSource) and result.path == fetcher.local_path:
         how = "local file"
@@ -121,13 +128,35 @@ def pick_hf_file(paths: list[str], *, repo_id: str, input_name: str) -> str:
 
 
 class _Fetcher:
-    def __init__(self, source: LoraSource, input_name: str, downloader: Downloader, allow_any_local_path: bool) -> None:
+    def __init__(
+        self,
+        source: LoraSource,
+        input_name: str,
+        downloader: Downloader,
+        allow_any_local_path: bool,
+        cancelled: Cancelled | None = None,
+    ) -> None:
         self.source = source
         self.allow_any_local_path = allow_any_local_path
         self.input_name = input_name
         self.downloader = downloader
+        self.cancelled = cancelled
         self.max_size = int(settings.number("FLUX_LORA_MAX_GB") * GB)
         self.local_path: Path | None = None
+        self.cache_key = source.cache_key  # a local tar's key also names its size and mtime
+
+    def intact_hit(self, result: FetchResult) -> FetchResult:
+        """A cache hit whose header still checks out; a damaged one is dropped and fetched once more."""
+        try:
+            check_safetensors(result.path, input_name=self.input_name)
+            return result
+        except UserError:
+            log.warning("%s: the cached copy of %s is damaged; fetching it again", self.input_name, self.source.display)
+        self.downloader.drop(self.cache_key)
+        again = self.run()
+        if again.cache_hit:  # someone else fetched it meanwhile: check theirs too, but fetch no more
+            check_safetensors(again.path, input_name=self.input_name)
+        return again
 
     def run(self) -> FetchResult:
         source = self.source
@@ -213,12 +242,14 @@ class _Fetcher:
             raise self._error(f"{where} has no revision {revision!r}") from None
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else "?"
-            raise DownloadError(
-                f"{self.input_name}: Hugging Face answered HTTP {status} when listing {where}; try again"
+            if isinstance(status, int) and 400 <= status < 500 and status != 429:
+                raise self._error(f"Hugging Face answered HTTP {status} when listing {where}; check the name") from None
+            raise HostFailed(
+                f"{self.input_name}: Hugging Face answered HTTP {status} when listing {where}; try again later"
             ) from None
         except Exception as exc:  # network failures come from httpx inside huggingface_hub
-            raise DownloadError(
-                f"{self.input_name}: could not reach Hugging Face at {endpoint} ({type(exc).__name__}); try again"
+            raise HostFailed(
+                f"{self.input_name}: could not reach Hugging Face at {endpoint} ({type(exc).__name__}); try again later"
             ) from None
 
     def _civitai(self, source: CivitAISource) -> FetchResult:
@@ -256,7 +287,10 @@ class _Fetcher:
     def _civitai_newest_version(self, base: str, auth: dict[str, str], model_id: str) -> tuple[str, str | None]:
         try:
             info = self.downloader.get_json(
-                f"{base}/api/v1/models/{model_id}", input_name=self.input_name, auth_headers=auth
+                f"{base}/api/v1/models/{model_id}",
+                input_name=self.input_name,
+                auth_headers=auth,
+                cancelled=self.cancelled,
             )
         except HTTPStatusError as exc:
             if exc.status == 404:
@@ -307,8 +341,7 @@ class _Fetcher:
         size = path.stat().st_size
         if size > self.max_size:
             raise self._error(f"{source.path} is {size / MB:.1f} MB, over the LoRA size limit")
-        if sniff_format(path) != "tar":
-            self._refuse_other_formats(path, source.display)
+        if accepted_format(path, input_name=self.input_name, display=source.display) == "safetensors":
             check_safetensors(path, input_name=self.input_name)
             self.local_path = path
             return FetchResult(path, size, False, time.monotonic() - started)
@@ -317,8 +350,8 @@ class _Fetcher:
         def produce(work_dir: Path) -> Path:
             return self._from_tar(path, work_dir / _LORA_FILE)
 
-        key = f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"  # a changed tar is a new source
-        return self.downloader.store(key, produce, input_name=self.input_name, description=source.display)
+        self.cache_key = f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"  # a changed tar is a new source
+        return self.downloader.store(self.cache_key, produce, input_name=self.input_name, description=source.display)
 
     # -------------------------------------------------------------- shared
 
@@ -327,19 +360,19 @@ class _Fetcher:
     ) -> FetchResult:
         return self.downloader.fetch(
             url,
-            key=self.source.cache_key,
+            key=self.cache_key,
             input_name=self.input_name,
             max_size=self.max_size,
             auth_headers=auth,
             finish=self._as_safetensors,
             description=description or self.source.display,
+            cancelled=self.cancelled,
         )
 
     def _as_safetensors(self, path: Path) -> Path:
         """The checked .safetensors for a fetched file: itself, or the one file of a tar."""
-        if sniff_format(path) == "tar":
+        if accepted_format(path, input_name=self.input_name, display=self.source.display) == "tar":
             return self._from_tar(path, path.with_name(_LORA_FILE))
-        self._refuse_other_formats(path, self.source.display)
         check_safetensors(path, input_name=self.input_name)
         return path.rename(path.with_name(_LORA_FILE))
 
@@ -347,18 +380,6 @@ class _Fetcher:
         extract_single_safetensors(tar_path, dest, input_name=self.input_name, max_bytes=self.max_size)
         check_safetensors(dest, input_name=self.input_name)
         return dest
-
-    def _refuse_other_formats(self, path: Path, display: str) -> None:
-        kind = sniff_format(path)
-        if kind in ("pickle", "zip"):
-            raise self._error(
-                f"{display} is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), which can run code when loaded; only "
-                ".safetensors LoRAs are accepted. Convert it to .safetensors first."
-            )
-        if kind == "gzip":
-            raise self._error(f"{display} is compressed; use a .safetensors file or a plain .tar holding one")
-        if kind != "safetensors":
-            raise self._error(f"{display} is not a .safetensors file (nor a .tar holding one)")
 
     def _error(self, message: str) -> UserError:
         return UserError(f"{self.input_name}: {message}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
 import os
 import posixpath
 import re
@@ -44,6 +45,7 @@ _VERSION = r"[0-9a-fA-F]{64}"
 _REPLICATE_REF = re.compile(rf"^(?P<owner>{_OWNER})/(?P<model>{_MODEL})(?:[/:](?P<version>{_VERSION}))?/?$")
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DIGITS = re.compile(r"^\d+$")
+_UNSAFE_URL_CHARACTER = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,17 @@ LoraSource = ReplicateSource | HuggingFaceSource | CivitAISource | UrlSource | D
 
 def parse_source(text: str, *, input_name: str) -> LoraSource:
     """The typed source for a user's string; a UserError naming `input_name` if it is not one."""
+    try:
+        return _parse_source(text, input_name)
+    except UserError:
+        raise
+    except ValueError:  # urllib's own: "Invalid IPv6 URL", "Port out of range", a port that is not a number
+        raise UserError(
+            f"{input_name}: {_short(text.strip())!r} is not a valid URL; check its host and port"
+        ) from None
+
+
+def _parse_source(text: str, input_name: str) -> LoraSource:
     value = text.strip()
     if not value:
         raise UserError(f"{input_name}: empty LoRA source")
@@ -177,10 +190,14 @@ def parse_source(text: str, *, input_name: str) -> LoraSource:
 
 
 def _parse_url(value: str, input_name: str) -> LoraSource:
+    if _UNSAFE_URL_CHARACTER.search(value):
+        raise UserError(f"{input_name}: the URL {_short(value)!r} contains spaces or control characters")
     parts = urlsplit(value)
     host = (parts.hostname or "").lower()
     if not host:
         raise UserError(f"{input_name}: the URL {_short(value)!r} has no host")
+    if parts.port == 0 or not _valid_host(host):
+        raise UserError(f"{input_name}: {_short(value)!r} is not a valid URL; check its host and port")
     bare_host = host.removeprefix("www.")
     segments = [unquote(segment) for segment in parts.path.split("/") if segment]
     if bare_host in _HF_HOSTS and parts.port is None:
@@ -259,6 +276,20 @@ def _parse_replicate_url(segments: list[str], value: str, input_name: str) -> Re
             f"{input_name}: {_short(value)!r} is not a Replicate model; use owner/model or owner/model/<version>"
         )
     return _replicate(match["owner"], match["model"], version)
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address or a name that IDNA can encode (no empty labels, none over 63 characters)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _replicate(owner: str, model: str, version: str | None) -> ReplicateSource:

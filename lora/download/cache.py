@@ -12,7 +12,8 @@ A finished work directory becomes an entry by one `rename`, so a process killed 
 nothing or a complete entry. A hit is checked before it is served: its size always, and its sha256 whenever
 the file is not the one we wrote (its mtime or inode changed: something wrote to it or replaced it), unless
 `verify_hits=False`. Hashing every hit would cost seconds per request for big files; damage that keeps the
-mtime (bit rot) is left to the filesystem. A truncated or corrupt entry is removed and produced again.
+mtime is found by the caller's format check when it uses the file, and `remove` drops the entry. A truncated
+or corrupt entry is removed and produced again.
 
 Eviction (least recently used first, unfinished downloads before entries) keeps the cache under `max_bytes`
 and the disk above `min_free_bytes`. It skips keys whose lock another producer holds.
@@ -46,6 +47,8 @@ _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 class CacheSpaceError(OSError):
     """The cache cannot make room for a file (size cap or free-disk floor)."""
+
+    larger_than_cache = False  # True: the file alone is over the size cap, so it will never fit
 
 
 def sha256_file(path: Path) -> str:
@@ -181,14 +184,23 @@ class FileCache:
                     _remove(work_dir)
                 raise
 
+    def remove(self, key: str) -> None:
+        """Drop the entry of `key` (a caller found damage that kept its size and mtime, which the hit checks
+        below cannot see without hashing)."""
+        key_hash = self.key_hash(key)
+        with file_lock(self._lock_path(key_hash)):
+            _remove(self.root / "entries" / key_hash)
+
     def make_room(self, nbytes: int, *, keep: str | None = None, on_disk: bool = False) -> None:
         """Evict until a new file of `nbytes` fits under the cap and above the free-disk floor.
         `on_disk`: the file is already written, so it no longer takes free space."""
         if 0 < self.max_bytes < nbytes:
-            raise CacheSpaceError(
+            error = CacheSpaceError(
                 errno.ENOSPC,
                 f"the file is {nbytes / MB:.1f} MB, more than the whole cache may hold ({self.max_bytes / MB:.1f} MB)",
             )
+            error.larger_than_cache = True
+            raise error
         with file_lock(self.root / "locks" / "evict.lock"):
             stored = [item for item in self._scan() if item.key_hash != keep]
             used = sum(item.size for item in stored)

@@ -41,9 +41,34 @@ def sniff_format(path: Path) -> str:
     return "unknown"
 
 
+def accepted_format(path: Path, *, input_name: str, display: str) -> str:
+    """'safetensors' or 'tar' (a tar that may hold one), from the file's first bytes; anything else is refused
+    here, with a message that says what it is. The one content check of a fetched file's format."""
+    kind = sniff_format(path)
+    if kind in ("safetensors", "tar"):
+        return kind
+    if kind in ("pickle", "zip"):  # torch.save writes a zip; older versions and .ckpt files a bare pickle
+        raise UserError(
+            f"{input_name}: {display} is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), which can run code when "
+            "loaded; only .safetensors LoRAs are accepted. Convert it to .safetensors first."
+        )
+    if kind == "gzip":
+        raise UserError(f"{input_name}: {display} is compressed; use a .safetensors file or a plain .tar holding one")
+    raise UserError(f"{input_name}: {display} is not a .safetensors file (nor a .tar holding one)")
+
+
+# bits per element of each dtype safetensors knows
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64,
+    "F64": 64,
+}  # fmt: skip
+
+
 def check_safetensors(path: Path, *, input_name: str) -> int:
-    """Checks a safetensors header and that the file holds all the bytes it declares (no truncation).
-    Returns the number of tensors. A sniff, not a full load: the format layer parses the tensors."""
+    """Checks a safetensors header as the safetensors library does when it opens a file (JSON, known dtypes,
+    shapes that match their byte ranges, ranges that tile the data exactly, no missing bytes), without reading
+    the tensors. Returns the number of tensors. A file that passes opens; the format layer reads its tensors."""
     size = path.stat().st_size
     with path.open("rb") as file:
         raw_length = file.read(8)
@@ -53,26 +78,48 @@ def check_safetensors(path: Path, *, input_name: str) -> int:
         if not 2 <= header_length <= min(_MAX_SAFETENSORS_HEADER, size - 8):
             raise UserError(f"{input_name}: the file is not a .safetensors file (bad header length)")
         try:
-            header = json.loads(file.read(header_length))
-        except ValueError:
+            header = json.loads(file.read(header_length).decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
             raise UserError(f"{input_name}: the file is not a .safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise UserError(f"{input_name}: the file is not a .safetensors file (bad header)")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise UserError(f"{input_name}: the .safetensors header is malformed (its metadata)")
     tensors = {name: info for name, info in header.items() if name != "__metadata__"}
-    data_end = 0
-    for info in tensors.values():
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise UserError(f"{input_name}: the .safetensors header is malformed")
-        data_end = max(data_end, offsets[1])
     if not tensors:
         raise UserError(f"{input_name}: the .safetensors file holds no tensors")
-    if 8 + header_length + data_end != size:
+    ranges = sorted(_byte_range(name, info, input_name) for name, info in tensors.items())
+    position = 0
+    for start, end in ranges:
+        if start != position:
+            raise UserError(f"{input_name}: the .safetensors header is malformed (overlapping or gapped data)")
+        position = end
+    if 8 + header_length + position != size:
         raise UserError(
             f"{input_name}: the .safetensors file is incomplete or damaged (its header declares "
-            f"{8 + header_length + data_end} bytes, the file has {size}); try again"
+            f"{8 + header_length + position} bytes, the file has {size}); try again"
         )
     return len(tensors)
+
+
+def _byte_range(name: str, info: object, input_name: str) -> tuple[int, int]:
+    """A tensor's [start, end) in the data, checked against its dtype and shape."""
+    malformed = UserError(f"{input_name}: the .safetensors header is malformed (tensor {name[:100]!r})")
+    if not isinstance(info, dict):
+        raise malformed
+    offsets, shape, bits = info.get("data_offsets"), info.get("shape"), _DTYPE_BITS.get(info.get("dtype"))  # type: ignore[arg-type]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+        raise malformed
+    if bits is None or not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise malformed
+    count = 1
+    for dimension in shape:
+        count *= dimension
+    start, end = offsets
+    if end < start or count * bits % 8 or count * bits // 8 != end - start:
+        raise malformed
+    return start, end
 
 
 def _unsafe_member_name(name: str) -> bool:
