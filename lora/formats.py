@@ -41,7 +41,6 @@ from torch import Tensor, nn
 from errors import UserError
 from lora import layouts, lycoris
 from lora.deltas import LoraDelta, WeightDelta
-from lora.download.checks import sniff_format
 from lora.layouts import ALPHA, DOWN, DOWN_BIAS, MAGNITUDE, UP, UP_BIAS, Target
 
 log = logging.getLogger(__name__)
@@ -77,28 +76,11 @@ class LoraWeights:
 # --- reading ----------------------------------------------------------------------------------------
 
 
-def _sniff(path: Path, input_name: str) -> None:
-    """Refuse anything that is not a safetensors file before a parser sees it."""
-    kind = sniff_format(path)
-    if kind == "safetensors":
-        return
-    if kind in ("pickle", "zip"):  # torch.save writes a zip; older versions and .ckpt files a bare pickle
-        raise UserError(
-            f"{input_name}: {path.name} is a PyTorch pickle checkpoint (.ckpt/.pt/.bin), which can run code "
-            "when loaded; only .safetensors LoRA files are accepted. Convert it to .safetensors first."
-        )
-    with path.open("rb") as file:
-        shown = file.read(12).decode("utf-8", "replace").strip()
-    raise UserError(
-        f"{input_name}: {path.name} is not a .safetensors file (it starts with {shown!r}); "
-        "give a LoRA in .safetensors format."
-    )
-
-
 def read_lora(path: str | Path, *, input_name: str) -> dict[str, Tensor]:
-    """All tensors of a .safetensors LoRA file, on the CPU, in their stored dtypes."""
+    """All tensors of a .safetensors LoRA file, on the CPU, in their stored dtypes. The file's format and header
+    were checked once, by lora.fetch where its bytes arrived (pickles never get here); safe_open runs no code,
+    so anything else that reaches it is refused as damaged."""
     path = Path(path)
-    _sniff(path, input_name)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             return {key: file.get_tensor(key) for key in file.keys()}
@@ -258,8 +240,8 @@ def _module_deltas(
         deltas = lycoris.lycoris_deltas(kind, module.tensors, module.keys, target)
     magnitudes = lycoris.magnitudes(module.tensors, module.keys, target)
     return {
-        piece.path: delta if magnitude is None else replace(delta, magnitude=magnitude)
-        for piece, delta, magnitude in zip(target.pieces, deltas, magnitudes, strict=True)
+        piece.path: delta if magnitude is None else replace(delta, magnitude=magnitude, norm_group=group)
+        for piece, delta, (magnitude, group) in zip(target.pieces, deltas, magnitudes, strict=True)
     }
 
 
