@@ -26,10 +26,12 @@ class Predictor(BasePredictor):
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         # imported here so that reading the schema (script/schema) does not load torch
         from flux.generate import FluxGenerator
+        from flux.inputs import claim_upload_folder
         from flux.lora_state import default_main_lora
         from flux.pipelines import pick_device
         from weights.locations import resolve_weight_paths
 
+        claim_upload_folder()  # cog saves URL and data-URI inputs there; request file paths elsewhere are refused
         paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
         self.generator = FluxGenerator(paths, default_lora=default_main_lora(weights))
 

@@ -36,6 +36,11 @@ _declare("FLUX_DTYPE", "", "`bf16` or `fp32` (default: bf16 on GPU, fp32 on CPU)
 _declare("FLUX_RESIDENT_VARIANTS", "dev-bf16,schnell-bf16", "variants built at setup and kept (`dev-bf16`, `schnell-fp8`, ...); any other is built when first used, one at a time")
 _declare("FLUX_GO_FAST_LORA_MULTIPLIER", "1", "multiplies LoRA scales on the fp8 path (the hosted model used 1.5)")
 _declare("FLUX_LORA_SCALE_CURVE", "linear", "`hosted`: one LoRA without go_fast acts as scale² (the hosted model's curve)")
+_declare("FLUX_COMPILE", "1", "`0`: no torch.compile of the go_fast transformers (compiling happens only on CUDA)")
+_declare("FLUX_COMPILE_WARMUP", "1", "`0`: skip setup's warm-up at every aspect ratio at 1 and 0.25 MP (the first request of each size compiles)")
+
+# --- request files -------------------------------------------------------------------------------------------
+_declare("FLUX_INPUT_LOCAL_DIRS", "", "folders a request's `image`/`mask` paths may come from besides uploads (`:`-separated; unset: none)")
 
 # --- LoRAs ---------------------------------------------------------------------------------------------------
 _declare("FLUX_DEFAULT_LORA", "", "main LoRA when a request has none (after cog's setup weights, `COG_WEIGHTS`)")

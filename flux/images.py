@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from errors import UserError
+from flux.inputs import read_input_file
 from flux.sizes import MIN_IMAGE_SIDE, fit_image_size
 
 MAX_INPUT_PIXELS = 50_000_000  # a decompression-bomb guard; a 50 MP photo is already far beyond 1440x1440
@@ -15,20 +17,19 @@ MAX_INPUT_PIXELS = 50_000_000  # a decompression-bomb guard; a 50 MP photo is al
 
 def open_image(path: str | Path, input_name: str) -> Image.Image:
     """Decode an uploaded image, refusing non-images, tiny images and pixel bombs before decoding."""
+    data = read_input_file(path, input_name)  # refuses paths a request may not name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            width, height = image.size
-            if width * height > MAX_INPUT_PIXELS:
-                raise UserError(
-                    f"{input_name}: {width}x{height} is {width * height / 1e6:.0f} MP; "
-                    f"the limit is {MAX_INPUT_PIXELS // 1_000_000} MP. Downscale it and try again."
-                )
+            image = Image.open(io.BytesIO(data))
+            _check_pixel_count(image.width, image.height, input_name)
             image.load()
     except UserError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own guard, for sizes far beyond ours, fires inside Image.open before we see the size
+        raise _too_large(input_name, f"its declared size is over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP") from None
+    except UnidentifiedImageError:
         raise UserError(f"{input_name}: the file is not an image we can read; upload a PNG, JPEG or WebP.") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{input_name}: the image could not be decoded ({exc}); upload a valid PNG, JPEG or WebP.") from None
@@ -53,6 +54,18 @@ def prepare_mask(path: str | Path, size: tuple[int, int]) -> Image.Image:
     """The mask as 8-bit grey at the image's size (NEAREST keeps it hard-edged). White is repainted."""
     mask = open_image(path, "mask").convert("L")
     return mask if mask.size == size else mask.resize(size, Image.Resampling.NEAREST)
+
+
+def _check_pixel_count(width: int, height: int, input_name: str) -> None:
+    if width * height > MAX_INPUT_PIXELS:
+        raise _too_large(input_name, f"{width}x{height} is {width * height / 1e6:.0f} MP")
+
+
+def _too_large(input_name: str, size: str) -> UserError:
+    return UserError(
+        f"{input_name}: the image is too large: {size}; the limit is {MAX_INPUT_PIXELS // 1_000_000} MP. "
+        "Downscale it and try again."
+    )
 
 
 def _flatten_to_rgb(image: Image.Image) -> Image.Image:

@@ -105,8 +105,9 @@ def main() -> int:
         raise SystemExit('-i prompt=... is required, e.g. script/predict -i prompt="a photo of TOK"')
     validate(inputs, schema)
 
-    # the person at this terminal owns the machine: local LoRA files are fine here (servers default to none)
+    # the person at this terminal owns the machine: local LoRA and image files are fine here (servers default to none)
     os.environ.setdefault("FLUX_LORA_LOCAL_DIRS", os.sep)
+    os.environ.setdefault("FLUX_INPUT_LOCAL_DIRS", os.sep)
     from errors import UserError
 
     started = time.perf_counter()

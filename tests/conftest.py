@@ -15,6 +15,8 @@ os.environ.setdefault("FLUX_TINY_WEIGHTS_DIR", str(ROOT / ".cache" / "tiny-weigh
 os.environ["FLUX_WEIGHTS"] = "tiny"  # never real weights in tests, even on a GPU box
 # downloaded LoRAs go to a throw-away cache; the local protocol servers live on loopback
 os.environ["FLUX_LORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="flux-lora-cache-")
+# in-process tests pass their tmp_path images by path (a served request may not; see flux/inputs.py)
+os.environ.setdefault("FLUX_INPUT_LOCAL_DIRS", tempfile.gettempdir())
 
 
 @pytest.fixture(scope="session")
