@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from flux.lora_state import LoraState, safe_display
+from flux.lora_state import LoraState
 from flux.output import save_images
 from flux.pipelines import MAX_SEQUENCE_LENGTH, MODEL_LOADING, FluxPipelines, pick_device, pick_dtype
 from flux.request import GenerationRequest
@@ -51,7 +51,7 @@ class FluxGenerator:
             self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)
         self.loras = LoraState(self.pipelines, default_lora)
         if default_lora:
-            log.info("Default main LoRA (used when replicate_weights is empty): %s", safe_display(default_lora))
+            log.info("Loading the default main LoRA (used when replicate_weights is empty)")
             self.loras.preload_default()
         self.pipelines.start_background_loads()
         self._last_out_dir: Path | None = None
@@ -77,7 +77,7 @@ class FluxGenerator:
     def _run(self, request: GenerationRequest) -> list[Path]:
         log.info("Using seed: %d", request.seed)
         log.info("Mode: %s, model: %s, %dx%d, %d step(s)", request.mode, request.model, request.width, request.height, request.num_inference_steps)
-        self.loras.prepare(request)
+        self.loras.prepare(request, cancelled=self._cancel.is_set)  # a cancel also ends a LoRA download
         if request.go_fast:
             log.info("go_fast: fp8 is not available in this build yet; running in %s.", str(self.dtype).removeprefix("torch."))
         with phase("Denoising"):

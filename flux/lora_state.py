@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -19,7 +20,6 @@ from flux.request import GenerationRequest, LoraSpec
 from lora.apply import LoraFuser
 from lora.fetch import fetch_lora
 from lora.formats import LoraWeights, load_lora
-from lora.sources import parse_source
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,6 @@ def default_main_lora(setup_weights: str | None) -> str | None:
         if candidate and str(candidate).strip():
             return str(candidate).strip()
     return None
-
-
-def safe_display(source: str) -> str:
-    """A source as it may appear in logs: no query string (signed URLs, tokens), no data: payload."""
-    return parse_source(source, input_name=MAIN_INPUT).display
 
 
 class LoraState:
@@ -56,10 +51,10 @@ class LoraState:
             specs.insert(0, LoraSpec(self.default_main, request.main_lora_scale, MAIN_INPUT))
         return specs
 
-    def prepare(self, request: GenerationRequest) -> None:
+    def prepare(self, request: GenerationRequest, cancelled: Callable[[], bool] | None = None) -> None:
         """Make the model for request.model carry exactly the request's LoRAs (and the other model none)."""
         specs = self.requested(request)
-        loaded = [(self._load(spec, request.model), spec.scale) for spec in specs]  # all errors before any write
+        loaded = [(self._load(spec, request.model, cancelled), spec.scale) for spec in specs]  # all errors before any write
         for model, fuser in self._fusers.items():
             if model != request.model:
                 fuser.reset()  # the text encoder is shared between dev and schnell
@@ -73,10 +68,10 @@ class LoraState:
         if self.default_main:
             self._load(LoraSpec(self.default_main, 1.0, MAIN_INPUT), "dev")
 
-    def _load(self, spec: LoraSpec, model: str) -> LoraWeights:
+    def _load(self, spec: LoraSpec, model: str, cancelled: Callable[[], bool] | None = None) -> LoraWeights:
         # the deployment's default LoRA is the operator's choice, so it may be any local file (e.g. baked in)
         operator_given = spec.source == self.default_main
-        path = fetch_lora(spec.source, input_name=spec.input_name, allow_any_local_path=operator_given)
+        path = fetch_lora(spec.source, input_name=spec.input_name, allow_any_local_path=operator_given, cancelled=cancelled)
         stat = path.stat()
         identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
         key = (identity, model)
