@@ -46,6 +46,7 @@ class Backup:
 class _Term:
     delta: WeightDelta
     scale: float  # the user's scale
+    lora: LoraWeights  # the whole LoRA, for the parts of a fused layer (norm_group)
 
 
 class LoraFuser:
@@ -62,6 +63,7 @@ class LoraFuser:
         self._backup_device = backup_device
         self._backups: dict[str, Backup] = {}  # module path -> originals of every module we have changed
         self._active: tuple[tuple[str, float], ...] = ()  # (identity, scale) of the fused LoRAs
+        self._column_norms: dict[tuple[int, tuple[str, ...]], Tensor] = {}  # during apply: fused layers' DoRA norms
 
     @property
     def active(self) -> tuple[tuple[str, float], ...]:
@@ -89,14 +91,17 @@ class LoraFuser:
             for path in [path for path in self._backups if path not in plan]:
                 self.restore(self._module(path), self._backups[path])
                 del self._backups[path]  # only once restored, so a failure can still restore it
-            for path, terms in plan.items():
-                module = self._module(path)
+            # Every original is saved before any is changed: a DoRA norm may need a neighbour's original.
+            for path in plan:
                 if path not in self._backups:
-                    self._backups[path] = self.snapshot(module)
-                self._fuse(module, self._backups[path], terms)
+                    self._backups[path] = self.snapshot(self._module(path))
+            for path, terms in plan.items():
+                self._fuse(self._module(path), self._backups[path], terms)
         except BaseException:
             self.reset()
             raise
+        finally:
+            self._column_norms.clear()
         self._active = wanted
         if plan:
             log.info("LoRA: fused %d modules in %.2fs", len(plan), time.perf_counter() - started)
@@ -160,7 +165,7 @@ class LoraFuser:
                     raise ValueError(f"LoRA {weights.identity} does not fit {path} (needs a {delta.shape} Linear)")
                 if delta.has_bias and module.bias is None:
                     raise ValueError(f"LoRA {weights.identity} changes the bias of {path}, which has none")
-                plan.setdefault(path, []).append(_Term(delta, scale))
+                plan.setdefault(path, []).append(_Term(delta, scale, weights))
         return plan
 
     def _fuse(self, module: nn.Linear, backup: Backup, terms: list[_Term]) -> None:
@@ -173,8 +178,23 @@ class LoraFuser:
             if term.delta.magnitude is None:
                 weight.add_(change.mul_(term.scale * term.delta.factor))
             else:
-                weight.add_(dora_change(original, change.mul_(term.delta.factor), term.delta.magnitude).mul_(term.scale))
+                norm = self._column_norm(term, device) if term.delta.norm_group else None
+                change = dora_change(original, change.mul_(term.delta.factor), term.delta.magnitude, norm)
+                weight.add_(change.mul_(term.scale))
             bias_delta = term.delta.bias_delta(device)
             if bias_delta is not None:
                 bias.add_(bias_delta.mul_(term.scale * term.delta.factor))
         self.write_fused(module, weight, bias if any(t.delta.has_bias for t in terms) else None)
+
+    def _column_norm(self, term: _Term, device: torch.device) -> Tensor:
+        """‖W + D‖ per input column over all parts of a fused layer (computed once per LoRA and layer)."""
+        key = (id(term.lora), term.delta.norm_group)
+        if key not in self._column_norms:
+            squares = torch.zeros(1, term.delta.shape[1], dtype=torch.float32, device=device)
+            for path in term.delta.norm_group:
+                module, delta = self._module(path), term.lora.deltas[path]
+                merged, _ = self.original_as_float32(module, self._backups[path])
+                merged.add_(delta.weight_delta(merged.device).mul_(delta.factor))
+                squares.add_(merged.square().sum(dim=0, keepdim=True).to(device))
+            self._column_norms[key] = squares.sqrt_()
+        return self._column_norms[key]

@@ -6,7 +6,9 @@ Every delta has the same interface (`WeightDelta`), which lora/apply.py and any 
 - `weight_delta(device)`: the unscaled float32 (out, in) change ΔW;
 - `has_bias`, `bias_delta(device)`: the unscaled float32 change of the bias, or None;
 - `magnitude`: None, or DoRA's magnitude m shaped to broadcast against W: (out, 1), one per output row (PEFT's
-  `lora_magnitude_vector`, LyCORIS ≥ 3.2's `dora_scale`), or (1, in), one per input column (LyCORIS < 3.2).
+  `lora_magnitude_vector`, LyCORIS ≥ 3.2's `dora_scale`), or (1, in), one per input column (LyCORIS < 3.2);
+- `norm_group`: for a per-column magnitude on a BFL fused layer (qkv, linear1), the paths of the Linears whose
+  stacked rows form that layer: its column norms run over all of them. Empty otherwise.
 
 Kinds: `LoraDelta` ΔW = B·A (LoRA, LoCon); `KronDelta` ΔW = kron(w1, w2) (LyCORIS LoKr); `HadamardDelta`
 ΔW = (w1a·w1b) ⊙ (w2a·w2b) (LyCORIS LoHa).
@@ -36,6 +38,7 @@ class WeightDelta(Protocol):
 
     factor: float
     magnitude: Tensor | None
+    norm_group: tuple[str, ...]
 
     @property
     def shape(self) -> tuple[int, int]: ...
@@ -62,6 +65,7 @@ class LoraDelta:
     up_bias: Tensor | None = None  # bias of B (PEFT lora_bias / ai-toolkit), out_features
     down_bias: Tensor | None = None  # bias of A (some BFL LoRAs), rank
     magnitude: Tensor | None = None  # DoRA, see the module docstring
+    norm_group: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -106,6 +110,7 @@ class KronDelta:
     factor: float
     rows: tuple[slice, ...] | None = None  # rows of the full kron(w1, w2), concatenated; None = all
     magnitude: Tensor | None = None
+    norm_group: tuple[str, ...] = ()
     has_bias = False
 
     @property
@@ -140,6 +145,7 @@ class HadamardDelta:
     w2b: Tensor  # rank × in
     factor: float
     magnitude: Tensor | None = None
+    norm_group: tuple[str, ...] = ()
     has_bias = False
 
     @property
@@ -154,12 +160,14 @@ class HadamardDelta:
         return None
 
 
-def dora_change(original: Tensor, change: Tensor, magnitude: Tensor) -> Tensor:
+def dora_change(original: Tensor, change: Tensor, magnitude: Tensor, norm: Tensor | None = None) -> Tensor:
     """m ⊙ (W + D) / ‖W + D‖ − W in float32, the norm per output row for an (out, 1) magnitude and per input
-    column for a (1, in) one. `change` is D = factor·ΔW and is overwritten."""
+    column for a (1, in) one, unless given (a fused layer's column norms). `change` is D = factor·ΔW and is
+    overwritten."""
     merged = change.add_(original)
-    per_row = magnitude.shape[1] == 1 and magnitude.shape[0] == merged.shape[0]
-    norm = merged.norm(dim=1 if per_row else 0, keepdim=True)
+    if norm is None:
+        per_row = magnitude.shape[1] == 1 and magnitude.shape[0] == merged.shape[0]
+        norm = merged.norm(dim=1 if per_row else 0, keepdim=True)
     # As LyCORIS does, a tiny epsilon keeps an all-zero row or column at zero instead of NaN.
     merged.mul_(_f32(magnitude, merged.device) / (norm + torch.finfo(torch.float32).eps))
     return merged.sub_(original)

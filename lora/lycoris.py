@@ -12,11 +12,12 @@ adapters and diffusers' LoKr loader, which agree:
   (out, 1) is one value per output row (PEFT; LyCORIS ≥ 3.2, `wd_on_output`); (1, in) is one per input column
   (LyCORIS 3.1 and older). How the fuser applies it: lora/deltas.py.
 - A BFL fused layer (qkv, linear1) is split by rows as for LoRA: LoKr parts compute their rows of the kron,
-  LoHa parts take their rows of w1_a and w2_a, and a per-row magnitude is split the same way.
+  LoHa parts take their rows of w1_a and w2_a, and a per-row magnitude is split the same way. A per-column
+  magnitude is shared by the parts, which name each other (`norm_group`): the fuser takes the column norms
+  over the whole fused matrix, as the trainer did.
 
-Not supported, and refused with the reason: Tucker factors (lokr_t2, hada_t1/t2, which LyCORIS writes only for
-convolutions), and a per-input-column magnitude on a fused layer (its norm runs across the parts, which are
-separate Linears here).
+Not supported, and refused with the reason: Tucker factors (lokr_t2, hada_t1/t2), which LyCORIS writes only for
+convolutions.
 """
 
 from __future__ import annotations
@@ -118,22 +119,19 @@ def lycoris_deltas(kind: str, tensors: dict[str, Tensor], keys: dict[str, str], 
     return _lokr(tensors, keys, target) if kind == LOKR else _loha(tensors, keys, target)
 
 
-def magnitudes(tensors: dict[str, Tensor], keys: dict[str, str], target: Target) -> tuple[Tensor | None, ...]:
-    """The DoRA magnitude for each part of `target`, shaped (rows, 1) or (1, in); Nones when there is none.
-
-    Raises ValueError (wrong size) or Unsupported (per input column on a fused layer)."""
+def magnitudes(
+    tensors: dict[str, Tensor], keys: dict[str, str], target: Target,
+) -> tuple[tuple[Tensor | None, tuple[str, ...]], ...]:
+    """(DoRA magnitude, norm group) for each part of `target`: the magnitude shaped (rows, 1) or (1, in), or
+    None when there is none; the group as in lora/deltas.py. Raises ValueError when the size is wrong."""
     if MAGNITUDE not in tensors:
-        return (None,) * len(target.pieces)
+        return ((None, ()),) * len(target.pieces)
     magnitude, key = tensors[MAGNITUDE], keys[MAGNITUDE]
     out, inner = target.out_rows, target.in_features
     if tuple(magnitude.shape) in ((out,), (out, 1)):
         per_row = magnitude.reshape(out, 1)
-        return tuple(_rows(per_row, piece) for piece in target.pieces)
+        return tuple((_rows(per_row, piece), ()) for piece in target.pieces)
     if tuple(magnitude.shape) == (1, inner):
-        if len(target.pieces) > 1:
-            raise Unsupported(
-                f"{key!r} is a DoRA magnitude per input column (LyCORIS 3.1 or older) on a fused layer, whose "
-                "norm spans several of our Linears"
-            )
-        return (magnitude,)
+        group = tuple(piece.path for piece in target.pieces) if len(target.pieces) > 1 else ()
+        return ((magnitude, group),) * len(target.pieces)
     raise ValueError(f"{key!r} is {_size(magnitude)}, this model needs {out} or {out}×1 or 1×{inner}")

@@ -187,6 +187,9 @@ DORA_CASES = {
     # LyCORIS 3.1 and older: dora_scale 1×in, one per input column
     "lycoris locon, per column": (lyco.lora_modules, lyco.LYCORIS, "column"),
     "lycoris lokr, per column": (lyco.lokr_modules, lyco.LYCORIS, "column"),
+    # ... on kohya's fused layers, whose column norms run over all their parts
+    "kohya locon, per column": (lyco.lora_modules, lyco.KOHYA, "column"),
+    "kohya loha, per column": (lyco.loha_modules, lyco.KOHYA, "column"),
 }
 DELTA_OF = {lyco.lora_modules: lora_delta, lyco.lokr_modules: lokr_delta, lyco.loha_modules: loha_delta}
 
@@ -247,13 +250,6 @@ def test_dora_scale_0_leaves_the_weights_untouched(transformer):
 
 
 # --- refused -------------------------------------------------------------------------------------------
-
-def test_column_dora_on_a_fused_layer_is_refused(transformer):
-    modules = lyco.with_dora(transformer, lyco.lora_modules(transformer, lyco.KOHYA, ["double_blocks.0.img_attn.qkv"]),
-                             per="column")
-    with pytest.raises(UserError, match=r"^extra_lora: .*DoRA magnitude per input column .*fused layer"):
-        convert_lora(lyco.file_tensors(modules), input_name="extra_lora", transformer=transformer)
-
 
 def test_lokr_tucker_factor_is_refused_naming_it(transformer):
     tensors = lyco.file_tensors(lyco.lokr_modules(transformer, lyco.KOHYA, ["img_in"]))
