@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -618,3 +619,148 @@ def test_safetensors_sniff_and_check(tmp_path: Path) -> None:
     assert (sniff_format(pickle), sniff_format(zipped), sniff_format(tar)) == ("pickle", "zip", "tar")
     with pytest.raises(UserError, match="not a .safetensors file"):
         check_safetensors(pickle, input_name="x")
+
+
+# ---------------------------------------------------------------- whose fault: user or host
+
+
+def test_a_5xx_is_the_hosts_fault_and_a_404_the_users(file_server: FileServer, tmp_path: Path) -> None:
+    file_server.route("/busy.bin", lambda _r: Reply(503, {}, b"busy"))
+    dl = downloader(tmp_path, retries=1)
+    with pytest.raises(HostFailed, match=r"^extra_lora: could not download .*/busy.bin: .* answered HTTP 503") as host:
+        fetch(dl, file_server.url + "/busy.bin")
+    assert isinstance(host.value, UpstreamError) and not isinstance(host.value, UserError)
+    assert len(file_server.requests_for("/busy.bin")) == 2  # a quick failure is tried once more
+    with pytest.raises(HTTPStatusError) as user:
+        fetch(dl, file_server.url + "/missing.bin")
+    assert isinstance(user.value, UserError) and not isinstance(user.value, UpstreamError)
+
+
+def test_a_refused_connection_is_the_hosts_fault(tmp_path: Path) -> None:
+    port = closed_port()
+    with pytest.raises(HostFailed, match=rf"^extra_lora: could not download http://127.0.0.1:{port}/x: the connection"):
+        fetch(downloader(tmp_path), f"http://127.0.0.1:{port}/x")
+
+
+# ---------------------------------------------------------------- the address guard: resolve, check, connect
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_open_closed_and_named_loopback_targets_get_one_message_and_no_connection(
+    file_server: FileServer, tmp_path: Path
+) -> None:
+    strict = downloader(tmp_path, allow_private=False)
+    targets = {
+        "open": file_server.add("/f.bin", payload(1000)),
+        "closed": f"http://127.0.0.1:{closed_port()}/f.bin",
+        "named": f"http://localhost:{file_server.port}/f.bin",
+    }
+    messages = {}
+    for name, url in targets.items():
+        started = time.monotonic()
+        with pytest.raises(UserError) as caught:
+            fetch(strict, url)
+        assert time.monotonic() - started < 0.5, name  # refused before connecting: no timeout to wait for
+        messages[name] = str(caught.value).replace("localhost", "127.0.0.1")
+    assert len(set(messages.values())) == 1, messages
+    assert "refusing to download from 127.0.0.1: it is not a public internet address" in messages["open"]
+    assert file_server.requests == []
+
+
+def test_every_address_of_a_name_is_checked_before_connecting(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = file_server.add("/f.bin", payload(1000))
+    real = socket.getaddrinfo
+
+    def public_then_loopback(host: str, port: int, *args: object, **kwargs: object) -> list:
+        if host != "mixed.example":
+            return real(host, port, *args, **kwargs)
+        public = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))
+        loopback = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))
+        return [public, loopback]
+
+    monkeypatch.setattr(socket, "getaddrinfo", public_then_loopback)
+    with pytest.raises(UserError, match="refusing to download from mixed.example"):
+        fetch(downloader(tmp_path, allow_private=False), url.replace("127.0.0.1", "mixed.example"))
+    assert file_server.requests == []
+
+
+def test_the_connection_goes_to_the_resolved_address_with_the_real_host_name(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = payload(200_000)
+    url = file_server.add("/f.bin", data)
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def resolve(host: str, port: int, *args: object, **kwargs: object) -> list:
+        lookups.append(host)
+        return real("127.0.0.1" if host == "files.example" else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    named = url.replace("127.0.0.1", "files.example")
+    assert fetch(downloader(tmp_path, connections=2), named).path.read_bytes() == data
+    hosts = {r.headers["host"] for r in file_server.requests_for("/f.bin")}
+    assert hosts == {f"files.example:{file_server.port}"}
+    # one lookup per connection, each checked and then used: nothing is left for a second answer to change
+    assert set(lookups) == {"files.example"} and len(lookups) == len({r.client_port for r in file_server.requests})
+
+
+# ---------------------------------------------------------------- stalls and cancel
+
+
+def test_a_dripping_host_fails_after_one_stall_timeout_and_is_not_retried(
+    file_server: FileServer, tmp_path: Path
+) -> None:
+    url = file_server.add("/drip.bin", payload(10_000), ranges=False, drip=0.1)
+    started = time.monotonic()
+    with pytest.raises(DownloadStalled, match=r"drip.bin stalled: less than 16 KiB arrived in 1 s") as caught:
+        fetch(downloader(tmp_path, stall_timeout_s=1.0, retries=2), url)
+    assert 1.0 <= time.monotonic() - started < 2.0
+    assert isinstance(caught.value, UpstreamError) and "FLUX_DOWNLOAD_STALL_TIMEOUT_S" in str(caught.value)
+    assert len(file_server.requests_for("/drip.bin")) == 1
+
+
+def cancel_after(seconds: float) -> tuple[threading.Event, list[float]]:
+    """An Event that is set `seconds` from now, and a list that gets the time it was set."""
+    event, when = threading.Event(), []
+
+    def fire() -> None:
+        when.append(time.monotonic())
+        event.set()
+
+    threading.Timer(seconds, fire).start()
+    return event, when
+
+
+@pytest.mark.parametrize("kind", ["single stream", "ranged", "waiting for headers"])
+def test_cancel_ends_a_download_within_a_second(file_server: FileServer, tmp_path: Path, kind: str) -> None:
+    options = {
+        "single stream": {"ranges": False, "drip": 0.5},
+        "ranged": {"ranges": True, "rate": 50_000},  # every chunk worker is in a read when the cancel comes
+        "waiting for headers": {"delay": 30},
+    }[kind]
+    url = file_server.add("/slow.bin", payload(2_000_000), **options)
+    dl = downloader(tmp_path, connections=4, stall_timeout_s=60)
+    cancel, when = cancel_after(0.8)
+    with pytest.raises(DownloadCancelled, match=r"^extra_lora: the prediction was canceled while downloading"):
+        fetch(dl, url, cancelled=cancel.is_set)
+    assert time.monotonic() - when[0] < 1.0
+    assert entries(dl.cache.root) == []
+    file_server.files["/slow.bin"] = Reply(**{**vars(file_server.files["/slow.bin"]), "drip": None, "rate": None, "delay": 0})
+    assert fetch(dl, url).path.read_bytes() == payload(2_000_000)  # the next request for it works
+
+
+def test_cancel_during_the_retry_pause(file_server: FileServer, tmp_path: Path) -> None:
+    file_server.route("/busy.bin", lambda _r: Reply(503, {}, b"busy"))
+    dl = downloader(tmp_path, retries=3, retry_backoff_s=20)
+    cancel, when = cancel_after(0.5)
+    with pytest.raises(DownloadCancelled):
+        fetch(dl, file_server.url + "/busy.bin", cancelled=cancel.is_set)
+    assert time.monotonic() - when[0] < 1.0

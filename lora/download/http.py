@@ -143,6 +143,8 @@ class HttpJob:
             return self.refuse(f"cannot resolve the host name {host}; check the URL")
         if isinstance(exc, requests.exceptions.SSLError) or _find_in_chain(exc, urllib3.exceptions.SSLError):
             return self.host_failed(f"TLS failed with {host}; its certificate was not accepted")
+        if _find_in_chain(exc, urllib3.exceptions.NewConnectionError) is not None:  # a subclass of the next one
+            return Transient(f"the connection to {host} was refused or failed")
         if isinstance(exc, requests.exceptions.ConnectTimeout) or _find_in_chain(
             exc, urllib3.exceptions.ConnectTimeoutError
         ):

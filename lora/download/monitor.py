@@ -53,6 +53,7 @@ class TransferMonitor:
         self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
         self._failure: DownloadError | None = None
         self._stop = threading.Event()
+        self._must_end = threading.Event()  # set with `_failure`
         self._thread: threading.Thread | None = None
         self._total: int | None = None
         self._done = self._new = 0
@@ -86,7 +87,7 @@ class TransferMonitor:
 
     def sleep(self, seconds: float) -> None:
         """A pause (retry backoff) that a cancel or the deadline ends early."""
-        self._stop.wait(seconds)
+        self._must_end.wait(seconds)
         self.check()
 
     def expect(self, total: int | None, already: int = 0) -> None:
@@ -118,6 +119,7 @@ class TransferMonitor:
                 if failure is None:
                     continue
                 self._failure = failure
+                self._must_end.set()
             self._shut_sockets()  # again on each poll: a connection may have been opened meanwhile
 
     def _reason_to_stop(self, samples: deque[tuple[float, int]]) -> DownloadError | None:
