@@ -18,6 +18,7 @@ from flux.lora_state import LoraState
 from flux.output import save_images
 from flux.pipelines import MAX_SEQUENCE_LENGTH, MODEL_LOADING, FluxPipelines, pick_device, pick_dtype
 from flux.request import GenerationRequest
+from flux.variants import Variant, go_fast_fallback, variant_for
 from safety.checker import SafetyChecker
 from weights.locations import WeightPaths
 
@@ -77,11 +78,10 @@ class FluxGenerator:
     def _run(self, request: GenerationRequest) -> list[Path]:
         log.info("Using seed: %d", request.seed)
         log.info("Mode: %s, model: %s, %dx%d, %d step(s)", request.mode, request.model, request.width, request.height, request.num_inference_steps)
-        self.loras.prepare(request, cancelled=self._cancel.is_set)  # a cancel also ends a LoRA download
-        if request.go_fast:
-            log.info("go_fast: fp8 is not available in this build yet; running in %s.", str(self.dtype).removeprefix("torch."))
+        variant = self._variant(request)
+        self.loras.prepare(request, variant, cancelled=self._cancel.is_set)  # a cancel also ends a LoRA download
         with phase("Denoising"):
-            images = self._denoise(request)
+            images = self._denoise(request, variant)
         out_dir = self._fresh_output_dir()
         with phase("Safety check and encoding"), ThreadPoolExecutor(max_workers=1) as pool:
             # encode while the checker runs; files of dropped images are deleted before anyone sees them
@@ -94,8 +94,18 @@ class FluxGenerator:
                 paths[index].unlink()
             return [path for _, path in report.kept_or_raise(paths)]
 
-    def _denoise(self, request: GenerationRequest) -> list[Image.Image]:
-        pipe = self.pipelines.get(request.model, request.mode)
+    def _variant(self, request: GenerationRequest) -> Variant:
+        """fp8 for go_fast, except where the hosted model falls back to bf16 too (said in the log)."""
+        reason = go_fast_fallback(has_image=request.image is not None, has_mask=request.mask is not None, custom_size=request.custom_size)
+        variant = variant_for(request.model, go_fast=request.go_fast, fallback_reason=reason)
+        if request.go_fast and reason:
+            log.info("go_fast: running in %s instead of fp8 because of %s.", _dtype_name(self.dtype), reason)
+        elif request.go_fast:
+            log.info("go_fast: running the fp8 transformer (%s).", type(self.pipelines.fp8_config).__name__)
+        return variant
+
+    def _denoise(self, request: GenerationRequest, variant: Variant) -> list[Image.Image]:
+        pipe = self.pipelines.get(variant, request.mode)
         steps = request.num_inference_steps
         arguments = dict(
             prompt=request.prompt,
@@ -109,7 +119,7 @@ class FluxGenerator:
             width=request.width,
             height=request.height,
         )
-        if request.model == "dev":
+        if pipe.transformer.config.guidance_embeds:
             arguments["guidance_scale"] = request.guidance_scale  # schnell is distilled without guidance
         if request.image is not None:
             strength = request.prompt_strength
@@ -135,6 +145,10 @@ class FluxGenerator:
             shutil.rmtree(self._last_out_dir, ignore_errors=True)
         self._last_out_dir = Path(tempfile.mkdtemp(prefix="flux-out-"))
         return self._last_out_dir
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _wait(future: Future) -> object:

@@ -15,8 +15,12 @@ from collections.abc import Callable
 import torch
 
 import settings
+from flux.fast.lora_fp8 import Fp8LoraFuser
+from flux.fast.quantize import CheckpointWeights
+from flux.lora_scales import configured_fused_scales
 from flux.pipelines import FluxPipelines
 from flux.request import GenerationRequest, LoraSpec
+from flux.variants import Variant
 from lora.apply import LoraFuser
 from lora.fetch import fetch_lora
 from lora.formats import LoraWeights, load_lora
@@ -40,7 +44,8 @@ class LoraState:
         self.default_main = default_main
         self._memory_slots = memory_slots or int(settings.number("FLUX_LORA_MEMORY_SLOTS"))
         self._converted: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
-        self._fusers: dict[str, LoraFuser] = {}
+        self._fusers: dict[Variant, LoraFuser] = {}
+        self._fused_models: dict[Variant, torch.nn.Module] = {}  # the transformer each fuser was made for
         # On a GPU the originals are kept in host memory: a full-coverage FLUX LoRA touches ~24 GB of weights.
         backup = settings.text("FLUX_LORA_BACKUP_DEVICE") or ("cpu" if pipelines.device.type == "cuda" else None)
         self._backup_device = backup
@@ -51,37 +56,45 @@ class LoraState:
             specs.insert(0, LoraSpec(self.default_main, request.main_lora_scale, MAIN_INPUT))
         return specs
 
-    def prepare(self, request: GenerationRequest, cancelled: Callable[[], bool] | None = None) -> None:
-        """Make the model for request.model carry exactly the request's LoRAs (and the other model none)."""
+    def prepare(self, request: GenerationRequest, variant: Variant | None = None, cancelled: Callable[[], bool] | None = None) -> None:
+        """Make the variant's model (default: request.model in bf16) carry exactly the request's LoRAs, and
+        every other variant none. Scales go through flux/lora_scales.py (go_fast multiplier, scale curve)."""
+        variant = variant or Variant(request.model)
         specs = self.requested(request)
-        loaded = [(self._load(spec, request.model, cancelled), spec.scale) for spec in specs]  # all errors before any write
-        for model, fuser in self._fusers.items():
-            if model != request.model:
-                fuser.reset()  # the text encoder is shared between dev and schnell
-        changed = self._fuser(request.model).apply(loaded)
-        for spec, (weights, _) in zip(specs, loaded, strict=True):
-            state = "not applied" if spec.scale == 0 else "fused" if changed else "already in place"
-            log.info("%s: %d modules, scale %g, %s", spec.input_name, len(weights.deltas), spec.scale, state)
+        transformer = self._pipelines.transformer(variant)  # builds a variant that is not resident
+        loaded = [self._load(spec, variant.model, transformer, cancelled) for spec in specs]  # all errors before any write
+        scales = configured_fused_scales([spec.scale for spec in specs], fp8=variant.fp8)
+        for other, fuser in list(self._fusers.items()):
+            if other != variant:
+                fuser.reset()  # the text encoder is shared by every variant
+            if not self._pipelines.is_loaded(other) or self._pipelines.transformer(other) is not self._fused_models[other]:
+                del self._fusers[other], self._fused_models[other]  # its transformer was dropped
+        changed = self._fuser(variant, transformer).apply(list(zip(loaded, scales, strict=True)))
+        for spec, weights, scale in zip(specs, loaded, scales, strict=True):
+            state = "not applied" if scale == 0 else "fused" if changed else "already in place"
+            fused_as = f" (fused at {scale:g})" if scale != spec.scale else ""
+            log.info("%s: %d modules, scale %g%s, %s", spec.input_name, len(weights.deltas), spec.scale, fused_as, state)
 
     def preload_default(self) -> None:
         """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it."""
         if self.default_main:
-            self._load(LoraSpec(self.default_main, 1.0, MAIN_INPUT), "dev")
+            variant = next(iter(self._pipelines.resident), Variant("dev"))
+            self._load(LoraSpec(self.default_main, 1.0, MAIN_INPUT), variant.model, self._pipelines.transformer(variant))
 
-    def _load(self, spec: LoraSpec, model: str, cancelled: Callable[[], bool] | None = None) -> LoraWeights:
+    def _load(self, spec: LoraSpec, model: str, transformer: torch.nn.Module, cancelled: Callable[[], bool] | None = None) -> LoraWeights:
         # the deployment's default LoRA is the operator's choice, so it may be any local file (e.g. baked in)
         operator_given = spec.source == self.default_main
         path = fetch_lora(spec.source, input_name=spec.input_name, allow_any_local_path=operator_given, cancelled=cancelled)
         stat = path.stat()
         identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
-        key = (identity, model)
+        key = (identity, model)  # a conversion fits every precision of the model: the module shapes are the same
         if key in self._converted:
             self._converted.move_to_end(key)
             return self._converted[key]
         weights = load_lora(
             path,
             input_name=spec.input_name,
-            transformer=self._pipelines.transformer(model),
+            transformer=transformer,
             text_encoder=self._pipelines.text_encoder,
             identity=identity,
         )
@@ -90,11 +103,18 @@ class LoraState:
             self._converted.popitem(last=False)
         return weights
 
-    def _fuser(self, model: str) -> LoraFuser:
-        if model not in self._fusers:
-            components: dict[str, torch.nn.Module] = {
-                "transformer": self._pipelines.transformer(model),
-                "text_encoder": self._pipelines.text_encoder,
-            }
-            self._fusers[model] = LoraFuser(components, backup_device=self._backup_device)
-        return self._fusers[model]
+    def _fuser(self, variant: Variant, transformer: torch.nn.Module) -> LoraFuser:
+        if variant not in self._fusers:
+            components = {"transformer": transformer, "text_encoder": self._pipelines.text_encoder}
+            if variant.fp8:
+                checkpoint = CheckpointWeights(self._pipelines.checkpoint_dir(variant.model) / "transformer", self._pipelines.dtype)
+                self._fusers[variant] = Fp8LoraFuser(
+                    components,
+                    read_source=lambda path: checkpoint.read(path.removeprefix("transformer.") + ".weight"),
+                    config=self._pipelines.fp8_config,
+                    backup_device=self._backup_device,
+                )
+            else:
+                self._fusers[variant] = LoraFuser(components, backup_device=self._backup_device)
+            self._fused_models[variant] = transformer
+        return self._fusers[variant]

@@ -1,13 +1,19 @@
-"""Loading FLUX once and handing out the pipeline for a (model, mode) pair.
+"""Loading FLUX and handing out the pipeline for a variant (model, precision) and a mode.
 
-dev and schnell differ only in transformer and scheduler; text encoders, tokenizers and VAE are loaded once from
-the dev folder and shared. img2img and inpaint pipelines are views built with from_pipe, so no weights are copied.
-The schnell transformer loads in a background thread once the rest of setup is done (model loading patches
-torch globally, so two loads must never overlap); the first schnell request waits for it if needed.
+Text encoders, tokenizers and VAE are loaded once from the dev folder and shared by every variant; a variant
+adds only its transformer (bf16 from_pretrained, or fp8 built by flux/fast/quantize.py) and its model's
+scheduler. img2img and inpaint pipelines are views built with from_pipe, so no weights are copied.
+
+Which variants live in memory is configurable (FLUX_RESIDENT_VARIANTS, flux/variants.py): the first resident
+one loads during setup, the others in a background thread once setup is done (model loading patches torch
+globally, so two loads must never overlap); a request for one still loading waits for it. A variant that is
+not resident is built when first asked for and kept until another non-resident one is asked for, so at most
+one transformer beyond the resident set is ever in memory.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -26,6 +32,8 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 import settings
+from flux.fast.quantize import fp8_config, load_fp8_transformer
+from flux.variants import Variant, resident_variants
 
 log = logging.getLogger(__name__)
 # loading bars and diffusers' advice to developers are noise in a prediction's logs
@@ -56,63 +64,115 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-class FluxPipelines:
-    """Every pipeline the predictor may run, sharing one copy of each component."""
+def _as_variant(variant: Variant | str) -> Variant:
+    return variant if isinstance(variant, Variant) else Variant.parse(variant)
 
-    def __init__(self, dev_dir: Path, schnell_dir: Path, device: torch.device, dtype: torch.dtype):
+
+class FluxPipelines:
+    """Every pipeline the predictor may run, sharing one copy of each component.
+
+    Methods taking a variant also accept a model name ("dev" = dev-bf16) or a name like "schnell-fp8"."""
+
+    def __init__(
+        self, dev_dir: Path, schnell_dir: Path, device: torch.device, dtype: torch.dtype,
+        resident: tuple[Variant, ...] | None = None,
+    ):
         started = time.perf_counter()
         self.device, self.dtype = device, dtype
+        self.fp8_config = fp8_config(device, dtype)  # also what LoRAs on fp8 are re-quantised with
+        self.resident = resident if resident is not None else resident_variants()
+        self._dirs = {"dev": Path(dev_dir), "schnell": Path(schnell_dir)}
         with MODEL_LOADING:
-            dev = FluxPipeline.from_pretrained(dev_dir, dtype=dtype).to(device)
-        dev.set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
-        self._txt2img = {"dev": dev}
-        self._views: dict[tuple[str, str], FluxPipeline] = {}
-        self._schnell_dir = schnell_dir
-        self._schnell: Future[FluxPipeline] | None = None
-        log.info("Loaded FLUX dev (%s, %s) in %.2fs", device.type, str(dtype).removeprefix("torch."), time.perf_counter() - started)
+            shared = FluxPipeline.from_pretrained(dev_dir, transformer=None, dtype=dtype).to(device)
+        self._shared = {name: c for name, c in shared.components.items() if name not in ("transformer", "scheduler")}
+        self._schedulers = {
+            model: FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+            for model, folder in self._dirs.items()
+        }
+        self._transformers: dict[Variant, FluxTransformer2DModel] = {}
+        self._pipes: dict[tuple[Variant, str], FluxPipeline] = {}
+        self._on_demand: Variant | None = None  # the one non-resident variant in memory, if any
+        self._background: Future | None = None
+        log.info("Loaded the FLUX text encoders and VAE (%s, %s) in %.2fs", device.type, _name(dtype), time.perf_counter() - started)
+        if self.resident:
+            self._transformers[self.resident[0]] = self._load(self.resident[0])
+
+    def checkpoint_dir(self, model: str) -> Path:
+        """The model's diffusers folder (its transformer/ holds the bf16 weights fp8 LoRAs are fused from)."""
+        return self._dirs[model]
 
     def start_background_loads(self) -> None:
-        """Call when no other model is being loaded any more (the end of setup)."""
-        if self._schnell is None:
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-schnell")
-            self._schnell = pool.submit(self._load_schnell)
+        """Load the remaining resident variants, one after another. Call when no other model is being loaded
+        any more (the end of setup)."""
+        if self._background is None:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-variants")
+            self._background = pool.submit(self._load_resident)
             pool.shutdown(wait=False)
 
-    def _load_schnell(self) -> FluxPipeline:
-        started = time.perf_counter()
-        components = dict(self._txt2img["dev"].components)
-        with MODEL_LOADING:
-            components["transformer"] = FluxTransformer2DModel.from_pretrained(
-                self._schnell_dir, subfolder="transformer", dtype=self.dtype
-            ).to(self.device)
-        components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(self._schnell_dir, subfolder="scheduler")
-        schnell = FluxPipeline(**components)
-        schnell.set_progress_bar_config(disable=True)
-        log.info("Loaded FLUX schnell in %.2fs (in the background)", time.perf_counter() - started)
-        return schnell
+    def _load_resident(self) -> None:
+        for variant in self.resident:
+            if variant not in self._transformers:
+                self._transformers[variant] = self._load(variant, background=True)
 
     def wait_for_background_loads(self) -> None:
-        self._base("schnell")
+        self.start_background_loads()
+        self._background.result()  # re-raises a failed background load
 
-    def _base(self, model: str) -> FluxPipeline:
-        if model == "schnell" and model not in self._txt2img:
-            self.start_background_loads()
-            self._txt2img["schnell"] = self._schnell.result()  # re-raises a failed background load
-        return self._txt2img[model]
+    def _load(self, variant: Variant, background: bool = False) -> FluxTransformer2DModel:
+        started = time.perf_counter()
+        folder = self._dirs[variant.model]
+        with MODEL_LOADING:
+            if variant.fp8:
+                transformer = load_fp8_transformer(folder, self.device, self.dtype, self.fp8_config)
+            else:
+                transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=self.dtype)
+                transformer = transformer.to(self.device)
+        where = " (in the background)" if background else ""
+        log.info("Loaded FLUX %s in %.2fs%s", variant, time.perf_counter() - started, where)
+        return transformer
 
-    def transformer(self, model: str) -> FluxTransformer2DModel:
-        return self._base(model).transformer
+    def is_loaded(self, variant: Variant | str) -> bool:
+        return _as_variant(variant) in self._transformers
+
+    def transformer(self, variant: Variant | str) -> FluxTransformer2DModel:
+        """The variant's transformer, loading it first if it is not in memory."""
+        variant = _as_variant(variant)
+        if variant in self._transformers:
+            return self._transformers[variant]
+        if variant in self.resident:
+            self.wait_for_background_loads()
+            return self._transformers[variant]
+        if self._on_demand is not None:
+            self._drop(self._on_demand)
+        log.info("FLUX %s is not resident (FLUX_RESIDENT_VARIANTS); building it now.", variant)
+        self._transformers[variant] = self._load(variant)
+        self._on_demand = variant
+        return self._transformers[variant]
+
+    def _drop(self, variant: Variant) -> None:
+        del self._transformers[variant]
+        for key in [key for key in self._pipes if key[0] == variant]:
+            del self._pipes[key]
+        self._on_demand = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("Dropped FLUX %s to make room for another variant.", variant)
 
     @property
     def text_encoder(self) -> torch.nn.Module:
-        return self._txt2img["dev"].text_encoder
+        return self._shared["text_encoder"]
 
-    def get(self, model: str, mode: str) -> FluxPipeline:
-        base = self._base(model)
-        if mode == "txt2img":
-            return base
-        key = (model, mode)
-        if key not in self._views:
-            self._views[key] = MODES[mode].from_pipe(base)
-            self._views[key].set_progress_bar_config(disable=True)
-        return self._views[key]
+    def get(self, variant: Variant | str, mode: str) -> FluxPipeline:
+        variant = _as_variant(variant)
+        transformer = self.transformer(variant)
+        key = (variant, mode)
+        if key not in self._pipes:
+            base = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
+            self._pipes[key] = base if mode == "txt2img" else MODES[mode].from_pipe(base)
+            self._pipes[key].set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
+        return self._pipes[key]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -62,6 +62,7 @@ class GenerationRequest:
     mask: Image.Image | None = field(default=None, repr=False)
     loras: tuple[LoraSpec, ...] = ()
     main_lora_scale: float = 1.0  # also applies to a main LoRA configured at deploy time
+    custom_size: bool = False  # aspect_ratio=custom: go_fast falls back to bf16 for it, as the hosted model does
 
     @property
     def mode(self) -> str:
@@ -164,6 +165,7 @@ def build_request(
         mask=prepare_mask(mask, picture.size) if mask is not None and picture is not None else None,
         loras=loras,
         main_lora_scale=main_lora_scale,
+        custom_size=aspect_ratio == "custom",
     )
 
 

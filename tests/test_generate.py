@@ -124,13 +124,3 @@ def test_schema_variants_run_on_the_same_generator(predictor, variant):
     other.generator = predictor.generator  # same loaded models; only the schema layer differs
     paths = predict_with_defaults(other, prompt="x", num_inference_steps=2, num_outputs=2, aspect_ratio="16:9", seed=2)
     assert [Image.open(p).size for p in paths] == [(1344, 768)] * 2
-
-
-def test_go_fast_runs_the_full_precision_path_and_says_so(predictor, caplog):
-    import logging
-
-    plain = predict_with_defaults(predictor, **FAST, seed=8, output_format="png")[0].read_bytes()
-    with caplog.at_level(logging.INFO):
-        fast = predict_with_defaults(predictor, **FAST, seed=8, output_format="png", go_fast=True)[0].read_bytes()
-    assert fast == plain
-    assert "go_fast: fp8 is not available in this build yet" in caplog.text

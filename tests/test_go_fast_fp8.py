@@ -1,0 +1,152 @@
+"""go_fast's fp8 transformer and LoRAs on it, below the predictor: the torchao build, exact restore, exact
+re-quantisation, quality bounds, and the pure rules (variants, fallbacks, fused scales)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from torch import nn
+from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+from flux.fast.lora_fp8 import Fp8LoraFuser
+from flux.fast.quantize import CheckpointWeights, fp8_config, is_fp8, is_quantised_linear, load_fp8_transformer
+from flux.lora_scales import fused_scales
+from flux.variants import Variant, go_fast_fallback, resident_variants, variant_for
+from lora.apply import LoraFuser
+from lora.formats import load_lora
+from tests.fixtures.lora_factory import make_spec, tiny_clip, write_layout
+
+CPU, FP32 = torch.device("cpu"), torch.float32
+
+
+# --- pure rules ----------------------------------------------------------------------------------------------
+
+def test_scales_are_linear_by_default_and_the_multiplier_applies_to_every_lora_on_fp8_only():
+    assert fused_scales([0.5, -1.0], fp8=False) == [0.5, -1.0]
+    assert fused_scales([0.5, -1.0], fp8=False, multiplier=1.5) == [0.5, -1.0]
+    assert fused_scales([0.5, -1.0], fp8=True, multiplier=1.5) == [0.75, -1.5]
+    assert fused_scales([0.5], fp8=True) == [0.5]
+
+
+def test_hosted_curve_squares_exactly_one_lora_without_go_fast():
+    assert fused_scales([0.5], fp8=False, curve="hosted") == [0.25]
+    assert fused_scales([-1.0], fp8=False, curve="hosted") == [1.0]
+    assert fused_scales([0.5, 0.5], fp8=False, curve="hosted") == [0.5, 0.5]  # two LoRAs: linear there
+    assert fused_scales([0.5], fp8=True, curve="hosted", multiplier=1.5) == [0.75]  # fp8: linear there
+    with pytest.raises(ValueError, match="FLUX_LORA_SCALE_CURVE"):
+        fused_scales([1.0], fp8=False, curve="quadratic")
+
+
+def test_resident_variants_setting(monkeypatch):
+    assert resident_variants() == (Variant("dev"), Variant("schnell"))
+    monkeypatch.setenv("FLUX_RESIDENT_VARIANTS", " dev-fp8, schnell ,dev-fp8")
+    assert resident_variants() == (Variant("dev", "fp8"), Variant("schnell", "bf16"))
+    monkeypatch.setenv("FLUX_RESIDENT_VARIANTS", "dev-int4")
+    with pytest.raises(ValueError, match="FLUX_RESIDENT_VARIANTS"):
+        resident_variants()
+
+
+def test_go_fast_falls_back_for_images_masks_and_custom_sizes():
+    assert go_fast_fallback(has_image=False, has_mask=False, custom_size=False) is None
+    assert "img2img" in go_fast_fallback(has_image=True, has_mask=False, custom_size=False)
+    assert "mask" in go_fast_fallback(has_image=True, has_mask=True, custom_size=False)
+    assert "custom" in go_fast_fallback(has_image=False, has_mask=False, custom_size=True)
+    assert variant_for("schnell", go_fast=True, fallback_reason=None) == Variant("schnell", "fp8")
+    assert variant_for("schnell", go_fast=True, fallback_reason="custom") == Variant("schnell", "bf16")
+    assert variant_for("dev", go_fast=False, fallback_reason=None) == Variant("dev", "bf16")
+
+
+def test_cpu_uses_weight_only_fp8():
+    assert isinstance(fp8_config(CPU, FP32), Float8WeightOnlyConfig)
+
+
+# --- the fp8 build -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dev_dir(tiny_weights):
+    return tiny_weights.dev
+
+
+def fresh_fp8(dev_dir) -> FluxTransformer2DModel:
+    return load_fp8_transformer(dev_dir, CPU, FP32, fp8_config(CPU, FP32))
+
+
+def assert_same_weights(model: nn.Module, reference: nn.Module) -> None:
+    reference_parameters = dict(reference.named_parameters())
+    assert set(dict(model.named_parameters())) == set(reference_parameters)
+    for name, parameter in model.named_parameters():
+        other = reference_parameters[name]
+        assert is_fp8(parameter) == is_fp8(other), name
+        if is_fp8(parameter):
+            assert torch.equal(parameter.qdata.view(torch.uint8), other.qdata.view(torch.uint8)), name
+            assert torch.equal(parameter.scale, other.scale), name
+        else:
+            assert torch.equal(parameter, other), name
+
+
+def test_fp8_build_from_the_checkpoint_equals_torchao_quantize_of_the_bf16_model(dev_dir):
+    built = fresh_fp8(dev_dir)
+    reference = FluxTransformer2DModel.from_pretrained(dev_dir, subfolder="transformer", dtype=FP32)
+    quantize_(reference, fp8_config(CPU, FP32), filter_fn=lambda module, name: is_quantised_linear(name, module))
+    assert_same_weights(built, reference)
+    fp8_names = {name for name, module in built.named_modules() if isinstance(module, nn.Linear) and is_fp8(module.weight)}
+    assert fp8_names and all(name.startswith(("transformer_blocks.", "single_transformer_blocks.")) for name in fp8_names)
+    assert "proj_out" not in fp8_names and "x_embedder" not in fp8_names
+    assert not any(parameter.is_meta for parameter in built.parameters())
+    assert built.config.guidance_embeds
+
+
+@pytest.fixture(scope="module")
+def loras(dev_dir, tmp_path_factory):
+    """Two LoRAs converted against the tiny dev transformer (one with biases and CLIP modules)."""
+    folder = tmp_path_factory.mktemp("fp8-loras")
+    transformer = FluxTransformer2DModel.from_pretrained(dev_dir, subfolder="transformer", dtype=FP32)
+    clip = tiny_clip()
+    specs = [make_spec(transformer, clip, seed=3, magnitude=0.2, with_bias=True), make_spec(transformer, seed=4, magnitude=0.2)]
+    return [
+        load_lora(write_layout("diffusers", spec, transformer, folder / f"{i}.safetensors"), input_name="extra_lora",
+                  transformer=transformer, text_encoder=clip, identity=f"lora-{i}")
+        for i, spec in enumerate(specs)
+    ], clip
+
+
+def fp8_fuser(model: nn.Module, dev_dir, clip: nn.Module | None = None) -> Fp8LoraFuser:
+    checkpoint = CheckpointWeights(dev_dir / "transformer", FP32)
+    components = {"transformer": model} | ({"text_encoder": clip} if clip is not None else {})
+    return Fp8LoraFuser(components, config=fp8_config(CPU, FP32),
+                        read_source=lambda path: checkpoint.read(path.removeprefix("transformer.") + ".weight"))
+
+
+def test_after_any_lora_sequence_the_fp8_weights_equal_a_fresh_build(dev_dir, loras):
+    (first, second), clip = loras
+    clip_before = {name: tensor.clone() for name, tensor in clip.state_dict().items()}
+    model = fresh_fp8(dev_dir)
+    fuser = fp8_fuser(model, dev_dir, clip)
+    to_q = model.transformer_blocks[0].attn.to_q.weight
+    before = to_q.qdata.clone(), to_q.scale.clone()
+    for step in ([(first, 1.0)], [(second, -0.7)], [(first, 0.5), (second, 2.0)], [(first, 0.0)], [(second, 1.0)]):
+        fuser.apply(step)
+    assert not torch.equal(to_q.qdata.view(torch.uint8), before[0].view(torch.uint8))
+    fuser.apply([])
+    assert model.transformer_blocks[0].attn.to_q.weight is to_q  # written in place: a compiled model keeps its graph
+    assert_same_weights(model, fresh_fp8(dev_dir))
+    assert all(torch.equal(tensor, clip_before[name]) for name, tensor in clip.state_dict().items())
+
+
+def test_same_loras_at_same_scales_write_nothing(dev_dir, loras):
+    (first, _), _ = loras
+    fuser = fp8_fuser(fresh_fp8(dev_dir), dev_dir, tiny_clip())
+    assert fuser.apply([(first, 0.8)]) is True
+    assert fuser.apply([(first, 0.8)]) is False
+
+
+def test_a_lora_on_fp8_is_the_fp8_build_of_the_bf16_model_with_that_lora(dev_dir, loras):
+    """Re-quantised from the checkpoint weight, not from the fp8 weight: no double rounding, full strength."""
+    (first, second), _ = loras
+    fused = fresh_fp8(dev_dir)
+    fp8_fuser(fused, dev_dir, tiny_clip()).apply([(first, 0.6), (second, 1.0)])
+    reference = FluxTransformer2DModel.from_pretrained(dev_dir, subfolder="transformer", dtype=FP32)
+    LoraFuser({"transformer": reference, "text_encoder": tiny_clip()}).apply([(first, 0.6), (second, 1.0)])
+    quantize_(reference, fp8_config(CPU, FP32), filter_fn=lambda module, name: is_quantised_linear(name, module))
+    assert_same_weights(fused, reference)
