@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi, hf_hub_download
 
 from errors import UserError
+from lora.download.errors import DownloadCancelled
 from lora.fetch import fetch_lora, pick_hf_file
 from tests.fixtures.servers import (
     PICKLE_BYTES,
@@ -366,3 +370,72 @@ def test_operator_configured_endpoints_may_be_private_but_user_urls_may_not(monk
     finally:
         hub.close()
         files.close()
+
+
+# ---------------------------------------------------------------- damaged cache entries, cancel
+
+
+def damage_keeping_size_and_mtime(path: Path, offset: int, data: bytes) -> None:
+    stat = path.stat()
+    with path.open("r+b") as file:
+        file.seek(offset)
+        file.write(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the cache's size and mtime checks see nothing
+
+
+@pytest.mark.parametrize(
+    ("offset", "data"),
+    [(8, b"[" * 8), (20, b"\xff\xfe\x00\x01")],  # header no longer JSON / no longer UTF-8 or its names broken
+    ids=["header_json", "header_bytes"],
+)
+def test_a_damaged_cache_entry_with_size_and_mtime_intact_is_fetched_again(
+    file_server: FileServer, lora_env: Path, caplog: pytest.LogCaptureFixture, offset: int, data: bytes
+) -> None:
+    url = file_server.add("/style.safetensors", LORA_A)
+    cached = fetch(url)
+    damage_keeping_size_and_mtime(cached, offset, data)
+    requests_before = len(file_server.requests_for("/style.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="lora.fetch"):
+        again = fetch(url)
+    assert again.read_bytes() == LORA_A
+    assert len(file_server.requests_for("/style.safetensors")) > requests_before
+    assert f"the cached copy of {url} is damaged; fetching it again" in caplog.text
+    assert fetch(url) == again  # repaired: a plain hit from now on
+
+
+def test_a_host_serving_a_damaged_file_gets_an_error_naming_the_source_not_the_cache(
+    file_server: FileServer, lora_env: Path
+) -> None:
+    broken = bytearray(LORA_A)
+    broken[20:24] = b"\xff\xfe\x00\x01"
+    url = file_server.add("/broken.safetensors", bytes(broken))
+    with pytest.raises(UserError, match=r"^extra_lora: ") as caught:
+        fetch(url)
+    assert str(lora_env) not in str(caught.value) and "data.safetensors" not in str(caught.value)
+    assert cache_entries(lora_env) == []
+
+
+def test_header_damage_that_safetensors_would_refuse_is_refused_at_fetch(file_server: FileServer, tmp_path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    header_length = int.from_bytes(LORA_A[:8], "little")
+    header = LORA_A[8 : 8 + header_length]
+    wrong_shape = header.replace(b'"shape":[4,64]', b'"shape":[4,65]', 1)
+    assert wrong_shape != header and len(wrong_shape) == len(header)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(LORA_A[:8] + wrong_shape + LORA_A[8 + header_length :])
+    with pytest.raises(SafetensorError):  # the library refuses it: so must we, before anyone loads it
+        with safe_open(str(damaged), framework="pt") as file:
+            list(file.keys())
+    with pytest.raises(UserError, match=r"^extra_lora: the .safetensors header is malformed"):
+        fetch(file_server.add("/damaged.safetensors", damaged.read_bytes()))
+
+
+def test_fetch_lora_stops_when_cancelled(file_server: FileServer, lora_env: Path) -> None:
+    url = file_server.add("/drip.safetensors", LORA_A, ranges=False, drip=0.5)
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(DownloadCancelled, match="^extra_lora: the prediction was canceled"):
+        fetch_lora(url, input_name="extra_lora", cancelled=cancel.is_set)
+    assert time.monotonic() - started < 1.5

@@ -209,3 +209,26 @@ def test_errors_do_not_echo_query_strings() -> None:
     with pytest.raises(UserError) as caught:
         parse("civitai.com/posts/1?token=very-secret-token")
     assert "very-secret-token" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "http://[::1/bad",  # urllib: "Invalid IPv6 URL"
+        "http://h:99999/x.safetensors",  # urllib: "Port out of range"
+        "https://h:0/x.safetensors",
+        "http://h:abc/x.safetensors",  # urllib: "Port could not be cast to integer value"
+        "https://[not-an-ip]/x.safetensors",
+        "https://huggingface.co:99999/alice/style",
+        "civitai.com:abc/models/1",
+        "http://exa mple.com/x.safetensors",
+        "http://example.com/x\x00.safetensors",
+        "http://example..com/x.safetensors",
+        "http://" + "a" * 64 + ".com/x.safetensors",
+        "https://:443/x.safetensors",
+    ],
+)
+def test_malformed_urls_are_user_errors_naming_the_input(text: str) -> None:
+    with pytest.raises(UserError, match=r"^extra_lora: ") as caught:
+        parse(text)
+    assert "Invalid IPv6" not in str(caught.value) and "out of range" not in str(caught.value)
