@@ -3,6 +3,7 @@ whose fault they are, the address guard, stalls and cancel, concurrency, kill -9
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -764,3 +765,36 @@ def test_cancel_during_the_retry_pause(file_server: FileServer, tmp_path: Path) 
     with pytest.raises(DownloadCancelled):
         fetch(dl, file_server.url + "/busy.bin", cancelled=cancel.is_set)
     assert time.monotonic() - when[0] < 1.0
+
+
+def test_tls_uses_the_real_host_name_for_sni_and_verifies_its_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS server on loopback with a self-signed certificate for files.example (tests/fixtures/files.example.pem,
+    made once with openssl): the client connects to the checked address but asks for files.example, and refuses
+    a certificate no authority signed."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(REPO_ROOT / "tests" / "fixtures" / "files.example.pem")
+    asked_for: list[str | None] = []
+    context.sni_callback = lambda _sock, name, _ctx: asked_for.append(name)  # type: ignore[assignment,return-value]
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_one() -> None:
+        connection, _ = listener.accept()
+        with contextlib.suppress(OSError), context.wrap_socket(connection, server_side=True):
+            pass  # the client refuses the certificate during the handshake
+
+    threading.Thread(target=serve_one, daemon=True).start()
+    real = socket.getaddrinfo
+    monkeypatch.setattr(
+        socket, "getaddrinfo", lambda host, *a, **k: real("127.0.0.1" if host == "files.example" else host, *a, **k)
+    )
+    try:
+        with pytest.raises(HostFailed, match=r"^extra_lora: TLS failed with files.example; its certificate"):
+            fetch(downloader(tmp_path), f"https://files.example:{port}/f.bin")
+    finally:
+        listener.close()
+    assert asked_for == ["files.example"]
