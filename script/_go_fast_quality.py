@@ -26,6 +26,8 @@ os.environ.setdefault("FLUX_TINY_WEIGHTS_DIR", str(ROOT / ".cache" / "tiny-weigh
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from diffusers import FluxPipeline  # noqa: E402
+from torchao.quantization import Float8WeightOnlyConfig, PerTensor  # noqa: E402
 
 from flux.fast.lora_fp8 import Fp8LoraFuser  # noqa: E402
 from flux.fast.quality import lora_strength, psnr  # noqa: E402
@@ -81,8 +83,8 @@ def delta_ratio(weights: LoraWeights, transformer: torch.nn.Module) -> float:
     return statistics.median(ratios)
 
 
-def render(pipelines: FluxPipelines, variant: str, *, size: int, steps: int, seed: int = 0) -> np.ndarray:
-    pipe = pipelines.get(variant, "txt2img")
+def render(pipelines: FluxPipelines | FluxPipeline, variant: str, *, size: int, steps: int, seed: int = 0) -> np.ndarray:
+    pipe = pipelines.get(variant, "txt2img") if isinstance(pipelines, FluxPipelines) else pipelines
     with torch.inference_mode():
         return pipe(
             prompt=PROMPT, width=size, height=size, num_inference_steps=steps, guidance_scale=3.5,
@@ -90,15 +92,36 @@ def render(pipelines: FluxPipelines, variant: str, *, size: int, steps: int, see
         ).images[0]
 
 
-def fp8_fusers(pipelines: FluxPipelines, model: str = "dev") -> tuple[Fp8LoraFuser, Fp8LoraFuser]:
-    """(ours, dequantise-add-requantise) fusers on the model's fp8 transformer."""
-    transformer = pipelines.transformer(f"{model}-fp8")
-    checkpoint = CheckpointWeights(pipelines.checkpoint_dir(model) / "transformer", pipelines.dtype)
-    ours = Fp8LoraFuser({"transformer": transformer}, config=pipelines.fp8_config,
+def fp8_fusers(pipelines: FluxPipelines, transformer=None, config=None) -> tuple[Fp8LoraFuser, Fp8LoraFuser]:
+    """(ours, dequantise-add-requantise) fusers on an fp8 dev transformer (default: the dev-fp8 variant)."""
+    transformer = transformer or pipelines.transformer("dev-fp8")
+    config = config or pipelines.fp8_config
+    checkpoint = CheckpointWeights(pipelines.checkpoint_dir("dev") / "transformer", pipelines.dtype)
+    ours = Fp8LoraFuser({"transformer": transformer}, config=config,
                         read_source=lambda path: checkpoint.read(path.removeprefix("transformer.") + ".weight"))
-    naive = Fp8LoraFuser({"transformer": transformer}, config=pipelines.fp8_config,
+    naive = Fp8LoraFuser({"transformer": transformer}, config=config,
                          read_source=lambda path: transformer.get_submodule(path.removeprefix("transformer.")).weight.dequantize())
     return ours, naive
+
+
+def per_tensor_strengths(pipelines: FluxPipelines, lora: LoraWeights, *, size: int = 256, steps: int = 2) -> tuple[float, float]:
+    """(ours, dequantise-add-requantise) strengths with ONE scale per weight tensor, as the hosted model's fp8."""
+    config = Float8WeightOnlyConfig(granularity=PerTensor())
+    transformer = load_fp8_transformer(pipelines.checkpoint_dir("dev"), pipelines.device, pipelines.dtype, config)
+    pipe = FluxPipeline(**{**pipelines.get("dev-fp8", "txt2img").components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    base_fuser = LoraFuser({"transformer": pipelines.transformer("dev-bf16")})
+    base_without = render(pipelines, "dev-bf16", size=size, steps=steps)
+    base_fuser.apply([(lora, 1.0)])
+    base_with = render(pipelines, "dev-bf16", size=size, steps=steps)
+    base_fuser.reset()
+    fast_without = render(pipe, "", size=size, steps=steps)
+    strengths = []
+    for fuser in fp8_fusers(pipelines, transformer, config):
+        fuser.apply([(lora, 1.0)])
+        strengths.append(lora_strength(render(pipe, "", size=size, steps=steps), fast_without, base_with, base_without))
+        fuser.reset()
+    return strengths[0], strengths[1]
 
 
 def measure_quality(pipelines: FluxPipelines, lora: LoraWeights, *, size: int = 256, steps: int = 2) -> Quality:
@@ -146,9 +169,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         transformer = pipelines.transformer("dev-bf16")
         loras = [typical_lora(transformer, Path(tmp), seed=seed) for seed in (0, 1)]
-        rows = [measure_quality(pipelines, lora) for lora in loras]
-        print(f"LoRA: rank 4 on every transformer Linear, median ||ΔW||/||W|| = {rows[0].delta_ratio:.3f}; 256x256, 2 steps")
-        print("                                          LoRA 1    LoRA 2")
+        weak = typical_lora(transformer, Path(tmp), seed=2, ratio=TARGET_RATIO / 3)
+        rows = [measure_quality(pipelines, lora) for lora in (*loras, weak)]
+        print("LoRAs: rank 4 on every transformer Linear; 256x256, 2 steps")
+        print(f"{'median ||ΔW||/||W|| per module':<42}" + "".join(f"{row.delta_ratio:>8.3f}  " for row in rows))
         for label, field in (
             ("PSNR bf16 with LoRA vs without (dB)", "psnr_lora_effect"),
             ("PSNR fp8 vs bf16, no LoRA (dB)", "psnr_without_lora"),
@@ -158,6 +182,9 @@ def main() -> None:
             ("PSNR with LoRA, dequantise-add-requant", "psnr_with_lora_requantising_fp8"),
         ):
             print(f"{label:<42}" + "".join(f"{getattr(row, field):>8.3f}  " for row in rows))
+        per_tensor = [per_tensor_strengths(pipelines, lora) for lora in (*loras, weak)]
+        print(f"{'strength, one scale per tensor, ours':<42}" + "".join(f"{ours:>8.3f}  " for ours, _ in per_tensor))
+        print(f"{'strength, one scale per tensor, deq-add-req':<42}" + "".join(f"{naive:>8.3f}  " for _, naive in per_tensor))
         ours, naive = fp8_fusers(pipelines)
         base = LoraFuser({"transformer": transformer})
         for name, fuser in (("bf16", base), ("fp8, ours", ours), ("fp8, dequantise-add-requantise", naive)):

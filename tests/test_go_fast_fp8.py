@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
-from torchao.quantization import Float8WeightOnlyConfig, quantize_
+from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow, quantize_
 
 from flux.fast.lora_fp8 import Fp8LoraFuser
 from flux.fast.quantize import CheckpointWeights, fp8_config, is_fp8, is_quantised_linear, load_fp8_transformer
@@ -68,8 +68,26 @@ def dev_dir(tiny_weights):
     return tiny_weights.dev
 
 
-def fresh_fp8(dev_dir) -> FluxTransformer2DModel:
-    return load_fp8_transformer(dev_dir, CPU, FP32, fp8_config(CPU, FP32))
+@pytest.fixture
+def allow_gpu_config_on_cpu(monkeypatch):
+    """torchao refuses to build the fp8-activation config without a CUDA >= 8.9 GPU; its weights (what our code
+    builds, fuses and restores) need no GPU, so lift that gate for the test. Running them would need a GPU."""
+    import torchao.quantization.quant_api as quant_api
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+
+
+# (dtype, config): CPU's weight-only fp8, and the CUDA >= 8.9 config (fp8 activations too) with bf16 weights; the
+# latter's matmul needs a GPU, but its weights are built, fused and restored on CPU by the same code
+CONFIGS = {
+    "weight-only": (FP32, Float8WeightOnlyConfig(granularity=PerRow())),
+    "dynamic-activation": (torch.bfloat16, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
+}
+
+
+def fresh_fp8(dev_dir, config: str = "weight-only") -> FluxTransformer2DModel:
+    dtype, torchao_config = CONFIGS[config]
+    return load_fp8_transformer(dev_dir, CPU, dtype, torchao_config)
 
 
 def assert_same_weights(model: nn.Module, reference: nn.Module) -> None:
@@ -111,18 +129,20 @@ def loras(dev_dir, tmp_path_factory):
     ], clip
 
 
-def fp8_fuser(model: nn.Module, dev_dir, clip: nn.Module | None = None) -> Fp8LoraFuser:
-    checkpoint = CheckpointWeights(dev_dir / "transformer", FP32)
+def fp8_fuser(model: nn.Module, dev_dir, clip: nn.Module | None = None, config: str = "weight-only") -> Fp8LoraFuser:
+    dtype, torchao_config = CONFIGS[config]
+    checkpoint = CheckpointWeights(dev_dir / "transformer", dtype)
     components = {"transformer": model} | ({"text_encoder": clip} if clip is not None else {})
-    return Fp8LoraFuser(components, config=fp8_config(CPU, FP32),
+    return Fp8LoraFuser(components, config=torchao_config,
                         read_source=lambda path: checkpoint.read(path.removeprefix("transformer.") + ".weight"))
 
 
-def test_after_any_lora_sequence_the_fp8_weights_equal_a_fresh_build(dev_dir, loras):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_after_any_lora_sequence_the_fp8_weights_equal_a_fresh_build(dev_dir, loras, config, allow_gpu_config_on_cpu):
     (first, second), clip = loras
     clip_before = {name: tensor.clone() for name, tensor in clip.state_dict().items()}
-    model = fresh_fp8(dev_dir)
-    fuser = fp8_fuser(model, dev_dir, clip)
+    model = fresh_fp8(dev_dir, config)
+    fuser = fp8_fuser(model, dev_dir, clip, config)
     to_q = model.transformer_blocks[0].attn.to_q.weight
     before = to_q.qdata.clone(), to_q.scale.clone()
     for step in ([(first, 1.0)], [(second, -0.7)], [(first, 0.5), (second, 2.0)], [(first, 0.0)], [(second, 1.0)]):
@@ -130,7 +150,7 @@ def test_after_any_lora_sequence_the_fp8_weights_equal_a_fresh_build(dev_dir, lo
     assert not torch.equal(to_q.qdata.view(torch.uint8), before[0].view(torch.uint8))
     fuser.apply([])
     assert model.transformer_blocks[0].attn.to_q.weight is to_q  # written in place: a compiled model keeps its graph
-    assert_same_weights(model, fresh_fp8(dev_dir))
+    assert_same_weights(model, fresh_fp8(dev_dir, config))
     assert all(torch.equal(tensor, clip_before[name]) for name, tensor in clip.state_dict().items())
 
 
@@ -141,12 +161,28 @@ def test_same_loras_at_same_scales_write_nothing(dev_dir, loras):
     assert fuser.apply([(first, 0.8)]) is False
 
 
-def test_a_lora_on_fp8_is_the_fp8_build_of_the_bf16_model_with_that_lora(dev_dir, loras):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_lora_on_fp8_is_the_fp8_build_of_the_bf16_model_with_that_lora(dev_dir, loras, config, allow_gpu_config_on_cpu):
     """Re-quantised from the checkpoint weight, not from the fp8 weight: no double rounding, full strength."""
     (first, second), _ = loras
-    fused = fresh_fp8(dev_dir)
-    fp8_fuser(fused, dev_dir, tiny_clip()).apply([(first, 0.6), (second, 1.0)])
-    reference = FluxTransformer2DModel.from_pretrained(dev_dir, subfolder="transformer", dtype=FP32)
+    fused = fresh_fp8(dev_dir, config)
+    fp8_fuser(fused, dev_dir, tiny_clip(), config).apply([(first, 0.6), (second, 1.0)])
+    dtype, torchao_config = CONFIGS[config]
+    reference = FluxTransformer2DModel.from_pretrained(dev_dir, subfolder="transformer", dtype=dtype)
     LoraFuser({"transformer": reference, "text_encoder": tiny_clip()}).apply([(first, 0.6), (second, 1.0)])
-    quantize_(reference, fp8_config(CPU, FP32), filter_fn=lambda module, name: is_quantised_linear(name, module))
+    quantize_(reference, torchao_config, filter_fn=lambda module, name: is_quantised_linear(name, module))
     assert_same_weights(fused, reference)
+
+
+# --- quality in numbers (script/_go_fast_quality.py prints the same figures) -----------------------------------
+
+def test_go_fast_keeps_a_typical_loras_strength_and_stays_close_to_bf16(tmp_path):
+    from script._go_fast_quality import measure_quality, tiny_pipelines, typical_lora
+
+    pipelines = tiny_pipelines()
+    lora = typical_lora(pipelines.transformer("dev-bf16"), tmp_path)
+    quality = measure_quality(pipelines, lora, size=256, steps=1)
+    assert 0.02 < quality.delta_ratio < 0.05  # "a few percent", as real FLUX LoRAs
+    assert quality.psnr_lora_effect < quality.psnr_with_lora  # the LoRA shows more than fp8 rounding does
+    assert 0.9 <= quality.strength <= 1.1
+    assert quality.psnr_without_lora > 50 and quality.psnr_with_lora > 50
