@@ -473,8 +473,9 @@ def test_free_disk_floor_evicts_and_refuses(file_server: FileServer, tmp_path: P
     assert cache.lookup("0") is None and cache.lookup("1") is not None and cache.lookup("2") is not None
 
     huge = file_server.add("/huge", payload(300_000))
-    with pytest.raises(DownloadError, match="not enough room"):
+    with pytest.raises(DownloadError, match="not enough room") as caught:
         fetch(dl, huge, key="huge")
+    assert str(root) not in str(caught.value) and not isinstance(caught.value, (UserError, UpstreamError))
 
 
 def test_a_file_larger_than_the_whole_cache_is_refused(file_server: FileServer, tmp_path: Path) -> None:

@@ -213,11 +213,14 @@ class FileCache:
                     used -= item.size
             if not self._fits(used, nbytes, on_disk):
                 free = self._free_bytes(self.root)
+                details = (
+                    f"{free / MB:.1f} MB free on disk, floor {self.min_free_bytes / MB:.1f} MB, "
+                    f"cap {self.max_bytes / MB:.1f} MB with {used / MB:.1f} MB in use by files being used"
+                )
+                log.warning("cache at %s: no room for %.1f MB (%s)", self.root, nbytes / MB, details)
+                # the message reaches users: the numbers, not the server's path
                 raise CacheSpaceError(
-                    errno.ENOSPC,
-                    f"not enough room for {nbytes / MB:.1f} MB in the cache at {self.root} "
-                    f"({free / MB:.1f} MB free on disk, floor {self.min_free_bytes / MB:.1f} MB, "
-                    f"cap {self.max_bytes / MB:.1f} MB with {used / MB:.1f} MB in use by files being used)",
+                    errno.ENOSPC, f"not enough room for {nbytes / MB:.1f} MB in the cache ({details})"
                 )
 
     def _fits(self, used: int, nbytes: int, on_disk: bool) -> bool:
