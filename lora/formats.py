@@ -186,7 +186,13 @@ def _lora_misfit(module: _Module, target: Target) -> str | None:
 def _non_finite_key(module: _Module) -> str | None:
     """The first key of this module holding NaN or Inf."""
     for role, tensor in module.tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            tensor = tensor.float()  # fp8 files
+        # One reduction and no temporary: NaN propagates to both ends, an infinity shows at one.
+        lowest, highest = torch.aminmax(tensor)
+        if not (torch.isfinite(lowest) and torch.isfinite(highest)):
             return module.keys[role]
     return None
 

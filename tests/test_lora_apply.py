@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lora.apply import LoraFuser
-from lora.formats import LoraDelta, LoraWeights, convert_lora
+from lora.deltas import LoraDelta
+from lora.formats import LoraWeights, convert_lora
 from tests.fixtures import lora_factory as factory
 from weights.tiny.flux import tiny_transformer
 
