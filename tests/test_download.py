@@ -667,7 +667,7 @@ def test_open_closed_and_named_loopback_targets_get_one_message_and_no_connectio
         started = time.monotonic()
         with pytest.raises(UserError) as caught:
             fetch(strict, url)
-        assert time.monotonic() - started < 0.5, name  # refused before connecting: no timeout to wait for
+        assert time.monotonic() - started < 2, name  # refused before connecting: no 10 s connect timeout
         messages[name] = str(caught.value).replace("localhost", "127.0.0.1")
     assert len(set(messages.values())) == 1, messages
     assert "refusing to download from 127.0.0.1: it is not a public internet address" in messages["open"]
