@@ -256,6 +256,8 @@ REAL_WORLD_KEYS = {
         "lokr_w1", ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v"]),
     "lycoris_transformer_blocks_0_attn_to_q.lokr_w2_b": ("lokr_w2_b", ["transformer_blocks.0.attn.to_q"]),
     "lora_unet_single_blocks_1_linear2.hada_w1_a": ("hada_w1_a", ["single_transformer_blocks.1.proj_out"]),
+    "diffusion_model.single_blocks.0.linear1.lokr_w2": (
+        "lokr_w2", [f"single_transformer_blocks.0.attn.to_{x}" for x in "qkv"] + ["single_transformer_blocks.0.proj_mlp"]),
     "transformer.transformer_blocks.0.attn.to_k.hada_w2_b": ("hada_w2_b", ["transformer_blocks.0.attn.to_k"]),
     "lora_unet_double_blocks_1_txt_mlp_0.dora_scale": ("magnitude", ["transformer_blocks.1.ff_context.net.0.proj"]),
     "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": ("magnitude", ["transformer_blocks.0.attn.to_q"]),

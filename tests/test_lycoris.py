@@ -161,6 +161,17 @@ def test_lokr_file_in_bf16_through_load_lora(transformer, pristine, tmp_path):
     assert all(torch.equal(w, linear_weights(pristine)[p]) for p, w in linear_weights(transformer).items())
 
 
+def test_lokr_on_bfl_final_layer_has_its_halves_swapped(transformer):
+    """BFL's final modulation is (shift, scale), diffusers' norm_out.linear (scale, shift): rows of the kron too."""
+    modules = lyco.lokr_modules(transformer, lyco.KOHYA, ["final_layer.adaLN_modulation.1"], w1_factored=True)
+    original = transformer.norm_out.linear.weight.detach().clone()
+    delta = lokr_delta(modules[0].tensors)
+    half = delta.shape[0] // 2
+    fuse(transformer, lyco.file_tensors(modules, torch.float32))
+    expected = original + SCALE * torch.cat([delta[half:], delta[:half]])
+    torch.testing.assert_close(transformer.norm_out.linear.weight, expected, rtol=1e-5, atol=1e-6)
+
+
 # --- LoHa ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("naming", [lyco.KOHYA, lyco.LYCORIS, lyco.PEFT])
