@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import HfApi, hf_hub_download
 
 from errors import UserError
-from lora.download.errors import DownloadCancelled
+from lora.download.errors import DownloadCancelled, HostFailed
 from lora.fetch import fetch_lora, pick_hf_file
 from tests.fixtures.servers import (
     PICKLE_BYTES,
@@ -23,6 +23,7 @@ from tests.fixtures.servers import (
     FileServer,
     HubServer,
     ReplicateServer,
+    Reply,
     make_safetensors,
     make_tar,
 )
@@ -439,3 +440,12 @@ def test_fetch_lora_stops_when_cancelled(file_server: FileServer, lora_env: Path
     with pytest.raises(DownloadCancelled, match="^extra_lora: the prediction was canceled"):
         fetch_lora(url, input_name="extra_lora", cancelled=cancel.is_set)
     assert time.monotonic() - started < 1.5
+
+
+def test_a_hub_5xx_is_the_hosts_fault(hub_server: HubServer) -> None:
+    # 501: a 5xx that huggingface_hub does not retry with back-off (503 would take it ~20 s)
+    hub_server.route(r"/api/models/alice/down/tree/.*", lambda _r: Reply(501, {}, b"not here"))
+    hub_server._routes.insert(0, hub_server._routes.pop())  # before the repo routes
+    with pytest.raises(HostFailed, match=r"^extra_lora: Hugging Face answered HTTP 501 when listing") as caught:
+        fetch("huggingface.co/alice/down")
+    assert not isinstance(caught.value, UserError)
