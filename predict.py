@@ -24,6 +24,9 @@ class Predictor(BasePredictor):
 
     def setup(self, weights: Optional[str] = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+        from weights.libraries import prepare_libraries
+
+        prepare_libraries()  # before diffusers and transformers load: no import noise in the logs
         # imported here so that reading the schema (script/schema) does not load torch
         from flux.generate import FluxGenerator
         from flux.inputs import claim_upload_folder

@@ -17,14 +17,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
-from transformers.image_processing_utils import BaseImageProcessor
+from weights.libraries import prepare_libraries
 
-from safety.verdicts import ImageVerdict, SafetyReport
+prepare_libraries()  # PIL image processors chosen before transformers is asked for them (no torchvision notice)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel  # noqa: E402
+from transformers.image_processing_utils import BaseImageProcessor  # noqa: E402
+
+from safety.verdicts import ImageVerdict, SafetyReport  # noqa: E402
 
 log = logging.getLogger(__name__)
 
