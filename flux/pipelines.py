@@ -8,7 +8,8 @@ Which variants live in memory is configurable (FLUX_RESIDENT_VARIANTS, flux/vari
 one loads during setup, the others in a background thread once setup is done (model loading patches torch
 globally, so two loads must never overlap); a request for one still loading waits for it. A variant that is
 not resident is built when first asked for and kept until another non-resident one is asked for, so at most
-one transformer beyond the resident set is ever in memory.
+one transformer beyond the resident set is ever in memory. On CUDA, resident fp8 variants are compiled and
+warmed up when built (flux/fast/compile.py); bf16 and non-resident variants run eagerly.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 import settings
+from flux.fast.compile import compile_for_serving
 from flux.fast.quantize import fp8_config, load_fp8_transformer
 from flux.variants import Variant, resident_variants
 
@@ -129,6 +131,12 @@ class FluxPipelines:
                 transformer = transformer.to(self.device)
         where = " (in the background)" if background else ""
         log.info("Loaded FLUX %s in %.2fs%s", variant, time.perf_counter() - started, where)
+        if variant.fp8 and variant in self.resident:
+            # go_fast = fp8 + torch.compile (CUDA only, flux/fast/compile.py). Only resident variants: compiling
+            # and warming up a variant built for one request would cost that request minutes. bf16 runs eagerly.
+            pipe = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
+            pipe.set_progress_bar_config(disable=True)
+            compile_for_serving(pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[variant.model], label=f"FLUX {variant}")
         return transformer
 
     def is_loaded(self, variant: Variant | str) -> bool:
