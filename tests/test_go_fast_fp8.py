@@ -186,3 +186,40 @@ def test_go_fast_keeps_a_typical_loras_strength_and_stays_close_to_bf16(tmp_path
     assert quality.psnr_lora_effect < quality.psnr_with_lora  # the LoRA shows more than fp8 rounding does
     assert 0.9 <= quality.strength <= 1.1
     assert quality.psnr_without_lora > 50 and quality.psnr_with_lora > 50
+
+
+# --- variants in memory ----------------------------------------------------------------------------------------
+
+def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weights, tmp_path, monkeypatch):
+    """Resident variants stay; a non-resident one is built when asked for and dropped for the next one, and the
+    LoRA it carried (text encoder included) does not outlive it."""
+    from flux.lora_state import LoraState
+    from flux.pipelines import FluxPipelines
+    from flux.request import build_request
+
+    pipelines = FluxPipelines(tiny_weights.dev, tiny_weights.schnell, CPU, FP32, resident=(Variant("dev"),))
+    transformer = pipelines.transformer("dev")
+    lora = write_layout("diffusers", make_spec(transformer, pipelines.text_encoder, seed=9, magnitude=0.3), transformer,
+                        tmp_path / "lora.safetensors")
+    monkeypatch.setenv("FLUX_LORA_LOCAL_DIRS", str(tmp_path))
+    clip_before = {name: tensor.clone() for name, tensor in pipelines.text_encoder.state_dict().items()}
+    state = LoraState(pipelines)
+
+    state.prepare(build_request(prompt="x", go_fast=True, extra_lora=str(lora)), Variant("dev", "fp8"))
+    dev_fp8 = pipelines.transformer("dev-fp8")
+    assert is_fp8(dev_fp8.transformer_blocks[0].attn.to_q.weight)
+    assert pipelines.is_loaded("dev-fp8") and not pipelines.is_loaded("schnell-fp8")
+    assert any(not torch.equal(t, clip_before[n]) for n, t in pipelines.text_encoder.state_dict().items())
+
+    state.prepare(build_request(prompt="x", go_fast=True, model="schnell"), Variant("schnell", "fp8"))
+    assert pipelines.is_loaded("schnell-fp8") and not pipelines.is_loaded("dev-fp8")
+    assert pipelines.is_loaded("dev") and pipelines.transformer("dev") is transformer
+    assert all(torch.equal(t, clip_before[n]) for n, t in pipelines.text_encoder.state_dict().items())
+    assert not pipelines.get("schnell-fp8", "txt2img").transformer.config.guidance_embeds
+
+    state.prepare(build_request(prompt="x", go_fast=True, extra_lora=str(lora)), Variant("dev", "fp8"))
+    rebuilt = pipelines.transformer("dev-fp8")
+    assert rebuilt is not dev_fp8  # built again, and the LoRA fused into the new one
+    assert not torch.equal(rebuilt.x_embedder.weight, fresh_fp8(tiny_weights.dev).x_embedder.weight)
+    state.prepare(build_request(prompt="x", go_fast=True), Variant("dev", "fp8"))
+    assert_same_weights(rebuilt, fresh_fp8(tiny_weights.dev))
