@@ -10,6 +10,9 @@ P5  cold setup (fresh process: import predict + Predictor.setup) / cold bare
     Also printed: the same two without process start and imports (warm, in-process).
 P6  HTTP round trip through coglet / in-process predict().                                 Goal <= 1.10
 The two sides of each ratio are interleaved and the medians of the repeats are used, as this machine is noisy.
+
+--gpu prints per-phase times of real predictions instead (script/_benchmark_phases.py): on CUDA with the real
+weights; without CUDA the same table on the tiny weights, smaller. --memory-plan prints the GPU memory tables.
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ["FLUX_WEIGHTS"] = "tiny"
-os.environ.setdefault("FLUX_LORA_LOCAL_DIRS", tempfile.gettempdir())  # the benchmark's LoRAs are local files
 
 PROMPT = "a photo of TOK riding a bicycle"
 REQUEST = {"prompt": PROMPT, "num_inference_steps": 4, "seed": 1, "guidance_scale": 3.5}
@@ -62,14 +63,27 @@ def cold_process(code: str) -> Callable[[], None]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="per figure (default: 5; --gpu: 3 on CUDA, 2 on CPU)")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="per-phase times of real predictions (see above)")
+    parser.add_argument("--lora", action="append", help="--gpu: a LoRA file (twice for the switch; default: synthetic)")
+    parser.add_argument("--dev-steps", type=int, help="--gpu: dev steps (default: 28 on CUDA, 4 on CPU)")
+    parser.add_argument("--schnell-steps", type=int, help="--gpu: schnell steps (default: 4 on CUDA, 2 on CPU)")
+    parser.add_argument("--memory-plan", action="store_true", help="print the GPU memory tables and stop")
     args = parser.parse_args()
+    if args.memory_plan or args.gpu:
+        from script import _benchmark_phases
+
+        return _benchmark_phases.print_memory_plan() if args.memory_plan else _benchmark_phases.main(args)
+    args.repeats = args.repeats or 5
+    os.environ["FLUX_WEIGHTS"] = "tiny"
+    os.environ.setdefault("FLUX_LORA_LOCAL_DIRS", tempfile.gettempdir())  # the benchmark's LoRAs are local files
 
     import torch
     from diffusers import FluxPipeline
 
-    from predict import Predictor, predict_with_defaults
+    from predict import Predictor
+    from script.cog_inputs import predict_with_defaults
     from weights.locations import tiny_weight_paths
 
     weights = tiny_weight_paths()
