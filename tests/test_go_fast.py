@@ -14,7 +14,7 @@ from flux.fast.quality import psnr
 from script.cog_inputs import predict_with_defaults
 from tests.fixtures.lora_factory import make_spec, write_layout
 
-BASE = {"prompt": "a photo of TOK", "num_inference_steps": 2, "seed": 5, "output_format": "png", "disable_safety_checker": True}
+BASE = {"prompt": "a photo of TOK", "num_inference_steps": 1, "seed": 5, "output_format": "png", "disable_safety_checker": True}
 SQUARE = {"aspect_ratio": "custom", "width": 256, "height": 256}  # custom size: the bf16 fallback, cheap
 FAST = {"aspect_ratio": "21:9", "megapixels": "0.25"}  # the smallest fp8-eligible size: 768x320
 
