@@ -94,7 +94,7 @@ class FluxPipelines:
         self._transformers: dict[Variant, FluxTransformer2DModel] = {}
         self._pipes: dict[tuple[Variant, str], FluxPipeline] = {}
         self._on_demand: Variant | None = None  # the one non-resident variant in memory, if any
-        self._background: Future | None = None
+        self._pending: dict[Variant, Future] | None = None  # background loads, once started
         log.info("Loaded the FLUX text encoders and VAE (%s, %s) in %.2fs", device.type, _name(dtype), time.perf_counter() - started)
         if self.resident:
             self._transformers[self.resident[0]] = self._load(self.resident[0])
@@ -106,19 +106,23 @@ class FluxPipelines:
     def start_background_loads(self) -> None:
         """Load the remaining resident variants, one after another. Call when no other model is being loaded
         any more (the end of setup)."""
-        if self._background is None:
+        if self._pending is None:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-variants")
-            self._background = pool.submit(self._load_resident)
+            self._pending = {
+                variant: pool.submit(self._load_resident, variant)
+                for variant in self.resident
+                if variant not in self._transformers
+            }
             pool.shutdown(wait=False)
 
-    def _load_resident(self) -> None:
-        for variant in self.resident:
-            if variant not in self._transformers:
-                self._transformers[variant] = self._load(variant, background=True)
+    def _load_resident(self, variant: Variant) -> FluxTransformer2DModel:
+        self._transformers[variant] = self._load(variant, background=True)
+        return self._transformers[variant]
 
     def wait_for_background_loads(self) -> None:
         self.start_background_loads()
-        self._background.result()  # re-raises a failed background load
+        for pending in self._pending.values():
+            pending.result()  # re-raises a failed background load
 
     def _load(self, variant: Variant, background: bool = False) -> FluxTransformer2DModel:
         started = time.perf_counter()
@@ -148,8 +152,8 @@ class FluxPipelines:
         if variant in self._transformers:
             return self._transformers[variant]
         if variant in self.resident:
-            self.wait_for_background_loads()
-            return self._transformers[variant]
+            self.start_background_loads()
+            return self._pending[variant].result()  # waits for this one only; re-raises a failed load
         if self._on_demand is not None:
             self._drop(self._on_demand)
         log.info("FLUX %s is not resident (FLUX_RESIDENT_VARIANTS); building it now.", variant)
