@@ -61,6 +61,12 @@ class LoraState:
         every other variant none. Scales go through flux/lora_scales.py (go_fast multiplier, scale curve)."""
         variant = variant or Variant(request.model)
         specs = self.requested(request)
+        if variant not in self._pipelines.resident and not self._pipelines.is_loaded(variant):
+            # building it drops the other non-resident variant: let go of that one's fuser (and its references to
+            # the old transformer) first, so the memory is really freed before the new one is built
+            for other in [v for v in self._fusers if v not in self._pipelines.resident]:
+                self._fusers.pop(other).reset()
+                del self._fused_models[other]
         transformer = self._pipelines.transformer(variant)  # builds a variant that is not resident
         loaded = [self._load(spec, variant.model, transformer, cancelled) for spec in specs]  # all errors before any write
         scales = configured_fused_scales([spec.scale for spec in specs], fp8=variant.fp8)

@@ -3,6 +3,9 @@ re-quantisation, quality bounds, and the pure rules (variants, fallbacks, fused 
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
@@ -206,20 +209,28 @@ def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weigh
     state = LoraState(pipelines)
 
     state.prepare(build_request(prompt="x", go_fast=True, extra_lora=str(lora)), Variant("dev", "fp8"))
-    dev_fp8 = pipelines.transformer("dev-fp8")
-    assert is_fp8(dev_fp8.transformer_blocks[0].attn.to_q.weight)
+    dev_fp8 = weakref.ref(pipelines.transformer("dev-fp8"))
+    assert is_fp8(dev_fp8().transformer_blocks[0].attn.to_q.weight)
     assert pipelines.is_loaded("dev-fp8") and not pipelines.is_loaded("schnell-fp8")
     assert any(not torch.equal(t, clip_before[n]) for n, t in pipelines.text_encoder.state_dict().items())
 
+    load, alive_while_building = pipelines._load, []
+
+    def observed_load(variant, background=False):  # the real load, noting whether the old one is still in memory
+        gc.collect()
+        alive_while_building.append(dev_fp8() is not None)
+        return load(variant, background)
+
+    monkeypatch.setattr(pipelines, "_load", observed_load)
     state.prepare(build_request(prompt="x", go_fast=True, model="schnell"), Variant("schnell", "fp8"))
+    assert alive_while_building == [False]  # never two non-resident transformers in memory at once
     assert pipelines.is_loaded("schnell-fp8") and not pipelines.is_loaded("dev-fp8")
     assert pipelines.is_loaded("dev") and pipelines.transformer("dev") is transformer
     assert all(torch.equal(t, clip_before[n]) for n, t in pipelines.text_encoder.state_dict().items())
     assert not pipelines.get("schnell-fp8", "txt2img").transformer.config.guidance_embeds
 
     state.prepare(build_request(prompt="x", go_fast=True, extra_lora=str(lora)), Variant("dev", "fp8"))
-    rebuilt = pipelines.transformer("dev-fp8")
-    assert rebuilt is not dev_fp8  # built again, and the LoRA fused into the new one
+    rebuilt = pipelines.transformer("dev-fp8")  # built again, and the LoRA fused into the new one
     assert not torch.equal(rebuilt.x_embedder.weight, fresh_fp8(tiny_weights.dev).x_embedder.weight)
     state.prepare(build_request(prompt="x", go_fast=True), Variant("dev", "fp8"))
     assert_same_weights(rebuilt, fresh_fp8(tiny_weights.dev))
