@@ -99,7 +99,9 @@ def main(args) -> int:
         os.environ["FLUX_WEIGHTS"] = "tiny"
     os.environ.setdefault("FLUX_RESIDENT_VARIANTS", "dev-fp8,schnell-fp8" if cuda else "dev-bf16,dev-fp8,schnell-bf16,schnell-fp8")
     lora_dir = Path(tempfile.mkdtemp(prefix="flux-bench-loras-"))
-    os.environ.setdefault("FLUX_LORA_LOCAL_DIRS", str(lora_dir))
+    # the benchmark's LoRAs are local files: allow their folders beside any the operator allows
+    allowed = [os.environ.get("FLUX_LORA_LOCAL_DIRS", ""), str(lora_dir), *(str(Path(p).resolve().parent) for p in args.lora or [])]
+    os.environ["FLUX_LORA_LOCAL_DIRS"] = os.pathsep.join(part for part in allowed if part)
     sys.path.insert(0, str(ROOT))
 
     import logging
