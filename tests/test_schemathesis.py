@@ -5,8 +5,9 @@
   and mask URLs, webhooks) or turn the call asynchronous. Each must answer 200 with a prediction that succeeded,
   or failed with a message that names an input (a LoRA string that is no LoRA, for instance).
 - Negative phase: requests that break the schema. Each must be refused with a 4xx. Bodies that coglet accepts
-  although the schema forbids them are coglet's own mismatches: they are listed in KNOWN_COGLET_MISMATCHES (and
-  in README, Tests) rather than hidden, and any other acceptance fails the test.
+  although the schema forbids them are coglet's own mismatches: they are listed in KNOWN_UNCHECKED (and in
+  README, Tests) rather than hidden, and any other acceptance fails the test. Two refusals of valid requests by
+  coglet (no `input`; an explicit null) have tests of their own at the end.
 Generation is derandomised, so a run is repeatable.
 """
 
