@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 HOPPER_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 WARM_UP_BATCH_SIZES = (1, 2)  # 1 compiles the token-dynamic graph, 2 the batch-dynamic one (used for 2..4)
 # Dynamo keeps its graphs per code object, and every transformer's forward is the same function, so all
-# compiled variants (2 graphs each) count against one limit; at the default 8 a fifth variant would silently
-# run eagerly. Far above what we compile, far below runaway recompiling.
+# compiled variants (2 graphs each) count against one limit. At the default 8, four variants fill it and any
+# further compile would silently run eagerly (the tests hit this). Far above what we compile, far below
+# runaway recompiling.
 RECOMPILE_LIMIT = 64
 
 
