@@ -10,6 +10,7 @@ variants repeat them); flux/request.py holds the same bounds (`limits` below, so
 schema of the class called) and tests/test_schema.py checks every variant against it. Behaviour lives in flux/.
 """
 
+import inspect
 import logging
 import sys
 from typing import List, Optional
@@ -36,7 +37,10 @@ class Predictor(BasePredictor):
 
         claim_upload_folder()  # cog saves URL and data-URI inputs there; request file paths elsewhere are refused
         paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
-        self.generator = FluxGenerator(paths, default_lora=default_main_lora(weights))
+        # the schema's go_fast default decides which variants stay in memory (bf16, or fp8 for FastPredictor)
+        go_fast = inspect.signature(self.predict).parameters.get("go_fast")
+        go_fast_default = bool(go_fast is not None and go_fast.default.default)
+        self.generator = FluxGenerator(paths, default_lora=default_main_lora(weights), go_fast_default=go_fast_default)
 
     def predict(
         self,

@@ -33,7 +33,7 @@ _declare("FLUX_TINY_WEIGHTS_DIR", "", "where the tiny test weights are generated
 _declare("FLUX_DTYPE", "", "`bf16` or `fp32` (default: bf16 on GPU, fp32 on CPU)")
 
 # --- go_fast (fp8) and model variants ------------------------------------------------------------------------
-_declare("FLUX_RESIDENT_VARIANTS", "dev-bf16,schnell-bf16", "variants built at setup and kept (`dev-bf16`, `schnell-fp8`, ...); any other is built when first used, one at a time")
+_declare("FLUX_RESIDENT_VARIANTS", "", "variants built at setup and kept (`dev-bf16`, `schnell-fp8`, ...; default: what the deployed schema uses, trimmed by the GPU memory plan); any other is built when first used, one at a time")
 _declare("FLUX_GO_FAST_LORA_MULTIPLIER", "1", "multiplies LoRA scales on the fp8 path (the hosted model used 1.5)")
 _declare("FLUX_LORA_SCALE_CURVE", "linear", "`hosted`: one LoRA without go_fast acts as scale² (the hosted model's curve)")
 _declare("FLUX_COMPILE", "1", "`0`: no torch.compile of the go_fast transformers (compiling happens only on CUDA)")

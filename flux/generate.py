@@ -18,7 +18,7 @@ from flux.lora_state import LoraState
 from flux.output import save_images
 from flux.pipelines import MAX_SEQUENCE_LENGTH, MODEL_LOADING, FluxPipelines, pick_device, pick_dtype
 from flux.request import GenerationRequest
-from flux.variants import Variant, go_fast_fallback, variant_for
+from flux.variants import Variant, go_fast_fallback, resident_variants, variant_for
 from safety.checker import SafetyChecker
 from weights.locations import WeightPaths
 
@@ -39,7 +39,8 @@ def phase(name: str):
 class FluxGenerator:
     """Holds the loaded models; `run` turns a validated request into image files."""
 
-    def __init__(self, weights: WeightPaths, default_lora: str | None = None):
+    def __init__(self, weights: WeightPaths, default_lora: str | None = None, *, go_fast_default: bool = False):
+        """go_fast_default: the deployed schema's default, which decides the resident variants (flux/variants.py)."""
         if weights.tiny:
             log.warning(
                 "Using the TINY random test weights (no GPU or no real weights configured): images are noise. "
@@ -47,7 +48,12 @@ class FluxGenerator:
             )
         self.device = pick_device()
         self.dtype = pick_dtype(self.device)
-        self.pipelines = FluxPipelines(weights.dev, weights.schnell, self.device, self.dtype)
+        resident = resident_variants(go_fast_default)
+        if self.device.type == "cuda" and not weights.tiny:
+            from flux.fast.memory import fit_to_gpu
+
+            resident = fit_to_gpu(resident, torch.cuda.get_device_properties(self.device).total_memory)
+        self.pipelines = FluxPipelines(weights.dev, weights.schnell, self.device, self.dtype, resident=resident)
         with MODEL_LOADING:
             self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)
         self.loras = LoraState(self.pipelines, default_lora)

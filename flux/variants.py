@@ -12,7 +12,6 @@ import settings
 
 MODELS = ("dev", "schnell")
 PRECISIONS = ("bf16", "fp8")
-DEFAULT_RESIDENT = "dev-bf16,schnell-bf16"
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,19 @@ class Variant:
         return cls(model, precision or "bf16")
 
 
-def resident_variants() -> tuple[Variant, ...]:
-    """FLUX_RESIDENT_VARIANTS: the variants built at setup and kept; others are built when first asked for."""
+def default_resident(go_fast_default: bool) -> tuple[Variant, ...]:
+    """What the deployed schema uses, most wanted first: go_fast off by default (Predictor) bf16 dev and schnell;
+    go_fast on by default (FastPredictor) fp8 dev and schnell, then bf16 for the fallbacks (image, mask, custom
+    size). On a GPU the memory plan keeps those that fit (flux/fast/memory.py); the rest are built on use."""
+    bf16 = tuple(Variant(model) for model in MODELS)
+    return tuple(Variant(model, "fp8") for model in MODELS) + bf16 if go_fast_default else bf16
+
+
+def resident_variants(go_fast_default: bool = False) -> tuple[Variant, ...]:
+    """FLUX_RESIDENT_VARIANTS when set, else `default_resident`: the variants built at setup and kept; others are
+    built when first asked for."""
+    if not settings.is_set("FLUX_RESIDENT_VARIANTS"):
+        return default_resident(go_fast_default)
     raw = settings.text("FLUX_RESIDENT_VARIANTS")
     try:
         variants = tuple(dict.fromkeys(Variant.parse(part) for part in raw.split(",") if part.strip()))

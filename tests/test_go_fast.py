@@ -94,3 +94,20 @@ def test_hosted_scale_curve_makes_one_lora_at_half_act_as_a_quarter(predictor, l
     monkeypatch.setenv("FLUX_LORA_SCALE_CURVE", "hosted")
     assert run(predictor, **SQUARE, replicate_weights=local_loras, lora_scale=0.5) == quarter
     assert run(predictor, **SQUARE, replicate_weights=local_loras, lora_scale=0.5, extra_lora=local_loras, extra_lora_scale=0.0) != quarter
+
+
+def test_the_deployed_schema_decides_the_resident_variants(tiny_weights):
+    """FastPredictor (go_fast on by default) keeps fp8 in memory first; Predictor and LegacyPredictor bf16."""
+    from flux.variants import Variant
+    from predict import FastPredictor, LegacyPredictor, Predictor
+
+    expected = {
+        FastPredictor: (Variant("dev", "fp8"), Variant("schnell", "fp8"), Variant("dev"), Variant("schnell")),
+        Predictor: (Variant("dev"), Variant("schnell")),
+        LegacyPredictor: (Variant("dev"), Variant("schnell")),
+    }
+    for cls, resident in expected.items():
+        instance = cls()
+        instance.setup()
+        assert instance.generator.pipelines.resident == resident, cls.__name__
+        instance.generator.pipelines.wait_for_background_loads()

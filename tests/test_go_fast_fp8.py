@@ -43,6 +43,10 @@ def test_hosted_curve_squares_exactly_one_lora_without_go_fast():
 
 def test_resident_variants_setting(monkeypatch):
     assert resident_variants() == (Variant("dev"), Variant("schnell"))
+    # go_fast on by default (FastPredictor): fp8 first, bf16 after for the fallbacks
+    assert resident_variants(go_fast_default=True) == (
+        Variant("dev", "fp8"), Variant("schnell", "fp8"), Variant("dev"), Variant("schnell")
+    )
     monkeypatch.setenv("FLUX_RESIDENT_VARIANTS", " dev-fp8, schnell ,dev-fp8")
     assert resident_variants() == (Variant("dev", "fp8"), Variant("schnell", "bf16"))
     monkeypatch.setenv("FLUX_RESIDENT_VARIANTS", "dev-int4")

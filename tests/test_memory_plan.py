@@ -11,8 +11,19 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 
 from flux.fast import memory
-from flux.fast.memory import GIB, LAZY, RESIDENT, SWAPPED, Sizes, default_wanted, module_bytes, plan_memory
+from flux.fast.memory import (
+    GIB,
+    LAZY,
+    RESIDENT,
+    SWAPPED,
+    Sizes,
+    default_wanted,
+    fit_to_gpu,
+    module_bytes,
+    plan_memory,
+)
 from flux.fast.quantize import fp8_config, is_quantised_linear, quantise_weight
+from flux.variants import Variant
 from weights.tiny.flux import tiny_transformer
 
 # --- the counting rule, against real tensors -----------------------------------------------------------------
@@ -102,6 +113,11 @@ def test_the_deployed_defaults_fit_one_80gb_gpu(real_sizes):
     assert fast.variants(LAZY) == ["dev-bf16", "schnell-bf16"]
     assert fast.slot == real_sizes.variants["dev-bf16"]
     assert fast.fits and fast.max_bf16_copies == 0  # fp8 is built from the checkpoint, not from a bf16 copy
+
+    # what setup keeps on a real GPU (flux/generate.py): the plan's resident set, in the order wanted
+    fast_wanted = [Variant.parse(name) for name in default_wanted(go_fast_default=True)]
+    assert [str(v) for v in fit_to_gpu(fast_wanted, 80 * GIB, real_sizes)] == ["dev-fp8", "schnell-fp8"]
+    assert fit_to_gpu(fast_wanted[2:], 40 * GIB, real_sizes) == ()  # nothing fits beside the slot: every variant on use
 
     swapping = plan_memory(real_sizes, default_wanted(go_fast_default=True), **budget, host_budget=64 * GIB)
     assert swapping.variants(SWAPPED) == ["dev-bf16", "schnell-bf16"]

@@ -24,11 +24,14 @@ torch reports 79.6 GiB; the default budget for planning without a GPU is 79 GiB)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import settings
-from flux.variants import MODELS, Variant
+from flux.variants import MODELS, Variant, default_resident
+
+log = logging.getLogger(__name__)
 
 GIB = 1024**3
 BUDGET_WITHOUT_GPU = 79 * GIB  # one 80 GB H100 (79.6 GiB visible to torch), less room for the CUDA context
@@ -264,10 +267,21 @@ def _with_setup_steps(plan: MemoryPlan, sizes: Sizes) -> MemoryPlan:
 # --- defaults and settings ---------------------------------------------------------------------------------
 
 def default_wanted(go_fast_default: bool) -> list[str]:
-    """What the deployed class uses: Predictor (go_fast off) bf16 dev and schnell; FastPredictor (go_fast on)
-    fp8 dev and schnell first, then bf16 for the fallbacks (image, mask, custom size)."""
-    bf16 = [f"{model}-bf16" for model in MODELS]
-    return [f"{model}-fp8" for model in MODELS] + bf16 if go_fast_default else bf16
+    """What the deployed class uses (flux.variants.default_resident), as names."""
+    return [str(variant) for variant in default_resident(go_fast_default)]
+
+
+def fit_to_gpu(wanted: Sequence[Variant], gpu_total: int, sizes: Sizes | None = None) -> tuple[Variant, ...]:
+    """The wanted variants the plan keeps resident on a GPU of gpu_total bytes (real FLUX.1 sizes, counted on
+    meta in a few seconds); the others are built on first use. Logs the plan's decision."""
+    plan = plan_memory(sizes or real_sizes(), [str(v) for v in wanted], **budgets_from_settings(gpu_total))
+    resident = tuple(v for v in wanted if plan.placement.get(str(v)) == RESIDENT)
+    log.info(
+        "GPU memory plan (%s GiB budget): resident %s; built on first use: %s; serving peak %s GiB",
+        gib(plan.budget), ", ".join(map(str, resident)) or "none",
+        ", ".join(v for v, where in plan.placement.items() if where != RESIDENT) or "none", gib(plan.peak),
+    )
+    return resident
 
 
 def budgets_from_settings(gpu_total: int | None = None) -> dict[str, int]:
