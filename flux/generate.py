@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import shutil
 import tempfile
@@ -62,6 +63,7 @@ class FluxGenerator:
             self.loras.preload_default()
         self.pipelines.start_background_loads()
         self._last_out_dir: Path | None = None
+        atexit.register(self._remove_last_output_dir)  # the last request's files go when the process does
         # cog calls predict() on a new thread each time; torch's CPU thread pool is per calling thread, so
         # running all model work on one long-lived thread avoids building a new pool per request (~10% on CPU)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-compute")
@@ -147,10 +149,13 @@ class FluxGenerator:
 
     def _fresh_output_dir(self) -> Path:
         """A new folder per request; the previous one has been uploaded by now, so it is removed."""
-        if self._last_out_dir is not None:
-            shutil.rmtree(self._last_out_dir, ignore_errors=True)
+        self._remove_last_output_dir()
         self._last_out_dir = Path(tempfile.mkdtemp(prefix="flux-out-"))
         return self._last_out_dir
+
+    def _remove_last_output_dir(self) -> None:
+        if self._last_out_dir is not None:
+            shutil.rmtree(self._last_out_dir, ignore_errors=True)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -8,6 +8,7 @@ class's input schema, `@path` passes a file, and outputs are written as output.{
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import sys
@@ -62,6 +63,7 @@ def download(name: str, url: str, max_bytes: int = 100 * 2**20) -> Path:
 
     suffix = Path(url.split("?", 1)[0]).suffix[:8]
     target = Path(tempfile.mkdtemp(prefix="flux-input-")) / f"{name}{suffix}"
+    atexit.register(shutil.rmtree, target.parent, ignore_errors=True)  # outputs are copied out; the input can go
     try:
         with requests.get(url, stream=True, timeout=(10, 60)) as response:
             response.raise_for_status()
