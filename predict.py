@@ -39,7 +39,8 @@ class Predictor(BasePredictor):
         paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
         # the schema's go_fast default decides which variants stay in memory (bf16, or fp8 for FastPredictor)
         go_fast = inspect.signature(self.predict).parameters.get("go_fast")
-        go_fast_default = bool(go_fast is not None and go_fast.default.default)
+        default = getattr(go_fast, "default", None)  # Input(...) in-process; coglet's worker sees the bare value
+        go_fast_default = bool(getattr(default, "default", default))
         self.generator = FluxGenerator(paths, default_lora=default_main_lora(weights), go_fast_default=go_fast_default)
 
     def predict(
