@@ -177,5 +177,6 @@ def test_temp_folders_are_removed_when_the_server_exits(tiny_weights, folders, t
         assert list(temp.iterdir()), "the worker wrote nowhere under TMPDIR; the check below would prove nothing"
     finally:
         stop_cog_server(own)
-    leftovers = sorted(str(path.relative_to(temp)) for path in temp.rglob("*"))
+    # torch's compile cache (torchinductor_<user>) is meant to outlive the process; everything else must go
+    leftovers = sorted(str(path.relative_to(temp)) for path in temp.rglob("*") if "torchinductor_" not in str(path))
     assert leftovers == []
