@@ -24,9 +24,10 @@ from errors import UpstreamError, UserError
 from lora.download.addresses import is_public_address
 from lora.download.cache import FileCache
 from lora.download.checks import check_safetensors, extract_single_safetensors, sniff_format
-from lora.download.config import DownloadSettings
+from lora.download.config import DownloadSettings, MiB
 from lora.download.downloader import Downloader
 from lora.download.errors import DownloadCancelled, DownloadError, DownloadStalled, HostFailed, HTTPStatusError
+from lora.download.monitor import TransferMonitor
 from lora.download.redaction import redact_url
 from lora.fetch import lora_downloader
 from tests.fixtures.servers import PICKLE_BYTES, FileServer, Reply, make_safetensors, make_tar
@@ -334,7 +335,7 @@ CHILD = """
 import sys
 from pathlib import Path
 from lora.download.cache import FileCache
-from lora.download.config import DownloadSettings
+from lora.download.config import DownloadSettings, MiB
 from lora.download.downloader import Downloader
 cache = FileCache(Path(sys.argv[1]), max_bytes=0)
 settings = DownloadSettings(allow_private=True, retries=0, connections=int(sys.argv[4]), probe_bytes=65536)
@@ -727,6 +728,22 @@ def test_a_dripping_host_fails_after_one_stall_timeout_and_is_not_retried(
     assert 1.0 <= time.monotonic() - started < 2.0
     assert isinstance(caught.value, UpstreamError) and "FLUX_DOWNLOAD_STALL_TIMEOUT_S" in str(caught.value)
     assert len(file_server.requests_for("/drip.bin")) == 1
+
+
+def test_a_retry_that_sets_progress_back_is_not_a_stall() -> None:
+    """A retry calls expect() again (single stream: from 0; ranged: from what the resume state kept). Data that
+    keeps flowing across it is no stall, however far into the transfer the retry comes."""
+    monitor = TransferMonitor(
+        input_name="lora_weights", label="x", cancelled=None, stall_timeout_s=0.3, total_timeout_s=60, poll_s=0.02
+    )
+    with monitor:
+        monitor.expect(10 * MiB)
+        for step in range(40):
+            if step == 20:
+                monitor.expect(10 * MiB, already=0)  # the retry, well past one stall timeout in
+            monitor.add(64 * 1024)
+            time.sleep(0.02)
+            monitor.check()
 
 
 def cancel_after(seconds: float) -> tuple[threading.Event, list[float]]:

@@ -91,7 +91,8 @@ class TransferMonitor:
         self.check()
 
     def expect(self, total: int | None, already: int = 0) -> None:
-        """The size, once known, and the bytes already here (a resumed download)."""
+        """The size, once known, and the bytes already here (a resumed download). For the progress line only:
+        a retry sets them back, so stall detection counts the bytes that arrived instead."""
         with self._lock:
             self._total, self._done = total, already
 
@@ -136,7 +137,9 @@ class TransferMonitor:
             )
         else:
             with self._lock:
-                samples.append((now, self._done))
+                # bytes that arrived in this monitor's life: only grows, unlike `_done`, which `expect()`
+                # sets back on a retry (to 0 or to what the resume state kept)
+                samples.append((now, self._new))
             while len(samples) > 1 and samples[1][0] <= now - self._stall_s:
                 samples.popleft()
             window_start, bytes_then = samples[0]
