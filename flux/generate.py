@@ -17,7 +17,7 @@ from PIL import Image
 
 from flux.lora_state import LoraState
 from flux.output import save_images
-from flux.pipelines import MAX_SEQUENCE_LENGTH, MODEL_LOADING, FluxPipelines, pick_device, pick_dtype
+from flux.pipelines import MAX_SEQUENCE_LENGTH, MODEL_LOADING, PIPELINE_CALLS, FluxPipelines, pick_device, pick_dtype
 from flux.request import GenerationRequest
 from flux.variants import Variant, go_fast_fallback, resident_variants, variant_for
 from safety.checker import SafetyChecker
@@ -137,7 +137,7 @@ class FluxGenerator:
             arguments.update(image=request.image, strength=strength)
         if request.mask is not None:
             arguments["mask_image"] = request.mask
-        with torch.inference_mode():
+        with PIPELINE_CALLS, torch.inference_mode():  # a background warm-up shares scheduler and encoders
             return pipe(**arguments).images
 
     def _on_step(self, pipe, step: int, timestep, tensors: dict) -> dict:

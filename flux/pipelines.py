@@ -46,6 +46,9 @@ transformers_logging.disable_progress_bar()
 # Loading a model patches torch globally for a moment (accelerate's empty-weights init), so two loads in one
 # process must never overlap: every load in this project holds this lock.
 MODEL_LOADING = threading.Lock()
+# Every pipeline shares the scheduler of its model, the tokenizers and the text encoders, so pipeline calls take
+# turns: a request's denoising and a background warm-up's steps (flux/fast/compile.py) hold this around each call.
+PIPELINE_CALLS = threading.Lock()
 
 MODES = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
 MAX_SEQUENCE_LENGTH = {"dev": 512, "schnell": 256}  # schnell was trained with 256 T5 tokens
@@ -140,7 +143,10 @@ class FluxPipelines:
             # and warming up a variant built for one request would cost that request minutes. bf16 runs eagerly.
             pipe = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
             pipe.set_progress_bar_config(disable=True)
-            compile_for_serving(pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[variant.model], label=f"FLUX {variant}")
+            compile_for_serving(
+                pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[variant.model], label=f"FLUX {variant}",
+                exclusive=PIPELINE_CALLS,
+            )
         return transformer
 
     def is_loaded(self, variant: Variant | str) -> bool:

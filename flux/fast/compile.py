@@ -117,23 +117,29 @@ def warm_up(
     *,
     max_sequence_length: int,
     batch_sizes: Sequence[int] = WARM_UP_BATCH_SIZES,
+    exclusive: contextlib.AbstractContextManager | None = None,
 ) -> float:
     """One denoising step at each size (and each batch size at the first size) through the real pipeline call,
     so that every compile happens now and not in a user's request. Returns the seconds taken.
 
     The call matches FluxGenerator's: txt2img, under inference_mode, guidance only when the transformer has a
-    guidance embedding. Dynamo guards on such details, so a different call would compile again later."""
+    guidance embedding. Dynamo guards on such details, so a different call would compile again later.
+
+    exclusive: held around each call (the pipelines' PIPELINE_CALLS lock): a background warm-up shares the
+    scheduler, tokenizers and text encoders with the requests being served, so its calls take turns with theirs."""
+    exclusive = exclusive or contextlib.nullcontext()
     started = time.perf_counter()
     sizes = list(sizes)
     guidance = {"guidance_scale": 3.5} if pipeline.transformer.config.guidance_embeds else {}
-    with torch.inference_mode():
+    with torch.inference_mode(), exclusive:
         prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
             prompt="warm-up", prompt_2=None, max_sequence_length=max_sequence_length
         )
-        runs = [(width, height, 1) for width, height in sizes]
-        runs += [(*sizes[0], batch) for batch in batch_sizes if batch != 1] if sizes else []
-        for width, height, batch in runs:
-            size_started = time.perf_counter()
+    runs = [(width, height, 1) for width, height in sizes]
+    runs += [(*sizes[0], batch) for batch in batch_sizes if batch != 1] if sizes else []
+    for width, height, batch in runs:
+        size_started = time.perf_counter()
+        with torch.inference_mode(), exclusive:
             pipeline(
                 prompt_embeds=prompt_embeds.repeat(batch, 1, 1),
                 pooled_prompt_embeds=pooled_prompt_embeds.repeat(batch, 1),
@@ -145,11 +151,13 @@ def warm_up(
                 output_type="latent",
                 **guidance,
             )
-            log.debug("warm-up %dx%d x%d: %.2fs", width, height, batch, time.perf_counter() - size_started)
+        log.debug("warm-up %dx%d x%d: %.2fs", width, height, batch, time.perf_counter() - size_started)
     return time.perf_counter() - started
 
 
-def compile_for_serving(pipeline, *, max_sequence_length: int, label: str) -> bool:
+def compile_for_serving(
+    pipeline, *, max_sequence_length: int, label: str, exclusive: contextlib.AbstractContextManager | None = None
+) -> bool:
     """At setup, for one txt2img pipeline on CUDA: compile its transformer and warm it up at every request
     size. Does nothing on CPU or with FLUX_COMPILE=0. If the warm-up fails, the transformer runs eagerly
     (logged) rather than failing setup. Returns whether the transformer is now compiled."""
@@ -166,7 +174,7 @@ def compile_for_serving(pipeline, *, max_sequence_length: int, label: str) -> bo
         return True
     sizes = warm_up_sizes()
     try:
-        seconds = warm_up(pipeline, sizes, max_sequence_length=max_sequence_length)
+        seconds = warm_up(pipeline, sizes, max_sequence_length=max_sequence_length, exclusive=exclusive)
     except Exception:
         uncompile_transformer(transformer)
         log.exception("%s: torch.compile failed during warm-up; running without compile", label)
