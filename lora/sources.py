@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit, urlunspl
 
 from errors import UserError
 from lora.download.checks import PICKLE_SUFFIXES
+from lora.download.urls import redact_url
 
 _ACCEPTED_FILE_SUFFIXES = (".safetensors", ".tar")
 
@@ -107,10 +108,7 @@ class UrlSource:
 
     @property
     def display(self) -> str:
-        parts = urlsplit(self.url)
-        return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", "")) + (
-            "?..." if parts.query else ""
-        )
+        return redact_url(self.url)
 
 
 @dataclass(frozen=True)
@@ -339,6 +337,10 @@ def _refuse_pickle(name: str, input_name: str) -> None:
 
 
 def _short(value: str) -> str:
-    """The input as shown in errors: without query string (may be signed) and not too long."""
-    cut = value.split("?", 1)[0]
+    """The input as shown in errors: without user info or query string (may be signed), not too long."""
+    if "://" in value:
+        cut = redact_url(value)
+    else:  # "user:password@host/x" typed without a scheme
+        first, slash, rest = value.partition("/")
+        cut = (first.rpartition("@")[2] + slash + rest).split("?", 1)[0]
     return cut if len(cut) <= 200 else cut[:200] + "..."

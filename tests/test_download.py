@@ -322,6 +322,7 @@ def test_redact_url() -> None:
         == "https://example.com:8443/a/b.safetensors?..."
     )
     assert redact_url("http://h/x") == "http://h/x"
+    assert redact_url("https://u:p@[::1]:8443/x?q") == "https://[::1]:8443/x?..."
 
 
 def test_only_http_urls(tmp_path: Path) -> None:

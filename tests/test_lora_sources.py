@@ -134,6 +134,36 @@ def test_url_display_hides_the_query_and_user_info() -> None:
     assert source.display == "https://example.com/a.safetensors?..."
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "https://user:s3cret@example.com/a b.safetensors",  # spaces
+        "https://user:s3cret@example.com:99999/a.safetensors",  # port out of range
+        "https://user:s3cret@example.com:0/a.safetensors",
+        "https://user:s3cret@[::1/a.safetensors",  # a broken IPv6 host
+        "https://user:s3cret@/a.safetensors",  # no host
+        "https://user:s3cret@huggingface.co/datasets/a/b",
+        "https://user:s3cret@huggingface.co/a",
+        "https://user:s3cret@civitai.com/images/1",
+        "https://user:s3cret@replicate.com/a",
+        "user:s3cret@example.com/thing",  # no scheme
+        "user:s3cret@example.com/a b?x=1",
+    ],
+)
+def test_parse_errors_never_show_a_password(text: str) -> None:
+    with pytest.raises(UserError) as caught:
+        parse(text)
+    assert "s3cret" not in str(caught.value) and "user:" not in str(caught.value)
+
+
+def test_ipv6_hosts_keep_their_brackets_when_shown() -> None:
+    source = parse("https://user:pw@[::1]:8443/x.safetensors?sig=1")
+    assert isinstance(source, UrlSource)
+    assert source.display == "https://[::1]:8443/x.safetensors?..."
+    with pytest.raises(UserError, match=r"https://\[::1\]:8443/a b\.safetensors"):
+        parse("https://[::1]:8443/a b.safetensors")
+
+
 def test_data_uris() -> None:
     payload = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "
     source = parse("data:application/octet-stream;base64," + base64.b64encode(payload).decode())

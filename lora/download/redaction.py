@@ -1,29 +1,14 @@
-"""URLs as logs and errors may show them: no user info, no query string (signed URLs carry their signature
-there). Importing this module also installs a filter on the HTTP libraries' loggers, whose request lines
-include the query."""
+"""Importing this module installs a filter on the HTTP libraries' loggers, whose request lines include the
+query string (signed URLs carry their signature there). It re-exports the pure URL helpers of `urls`."""
 
 from __future__ import annotations
 
 import logging
 import re
-from urllib.parse import urlsplit
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
+from lora.download.urls import DEFAULT_PORTS, redact_url, url_origin
 
-
-def redact_url(url: str) -> str:
-    """scheme://host[:port]/path, without user info, query or fragment: safe for logs and errors."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    query = "?..." if parts.query else ""
-    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}{query}"
-
-
-def url_origin(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port): where credentials may go."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(scheme, 0)
+__all__ = ["DEFAULT_PORTS", "redact_url", "url_origin"]  # the pure helpers live in `urls`
 
 
 class _RedactQueryStrings(logging.Filter):
