@@ -17,7 +17,15 @@ from PIL import Image
 
 from flux.lora_state import LoraState
 from flux.output import save_images
-from flux.pipelines import MAX_SEQUENCE_LENGTH, MODEL_LOADING, PIPELINE_CALLS, FluxPipelines, pick_device, pick_dtype
+from flux.pipelines import (
+    MAX_SEQUENCE_LENGTH,
+    MODEL_LOADING,
+    PIPELINE_CALLS,
+    FluxPipelines,
+    dtype_name,
+    pick_device,
+    pick_dtype,
+)
 from flux.request import GenerationRequest
 from flux.variants import Variant, go_fast_fallback, resident_variants, variant_for
 from safety.checker import SafetyChecker
@@ -107,7 +115,7 @@ class FluxGenerator:
         reason = go_fast_fallback(has_image=request.image is not None, has_mask=request.mask is not None, custom_size=request.custom_size)
         variant = variant_for(request.model, go_fast=request.go_fast, fallback_reason=reason)
         if request.go_fast and reason:
-            log.info("go_fast: running in %s instead of fp8 because of %s.", _dtype_name(self.dtype), reason)
+            log.info("go_fast: running in %s instead of fp8 because of %s.", dtype_name(self.dtype), reason)
         elif request.go_fast:
             log.info("go_fast: running the fp8 transformer (%s).", type(self.pipelines.fp8_config).__name__)
         return variant
@@ -156,10 +164,6 @@ class FluxGenerator:
     def _remove_last_output_dir(self) -> None:
         if self._last_out_dir is not None:
             shutil.rmtree(self._last_out_dir, ignore_errors=True)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _wait(future: Future) -> object:

@@ -49,6 +49,7 @@ class LoraState:
         # On a GPU the originals are kept in host memory: a full-coverage FLUX LoRA touches ~24 GB of weights.
         backup = settings.text("FLUX_LORA_BACKUP_DEVICE") or ("cpu" if pipelines.device.type == "cuda" else None)
         self._backup_device = backup
+        configured_fused_scales([1.0], fp8=True)  # a bad FLUX_LORA_SCALE_CURVE or multiplier fails setup, not a request
 
     def requested(self, request: GenerationRequest) -> list[LoraSpec]:
         specs = list(request.loras)

@@ -35,7 +35,7 @@ from transformers.utils import logging as transformers_logging
 import settings
 from flux.fast.compile import compile_for_serving
 from flux.fast.quantize import fp8_config, load_fp8_transformer
-from flux.variants import Variant, resident_variants
+from flux.variants import Variant
 
 log = logging.getLogger(__name__)
 # loading bars and diffusers' advice to developers are noise in a prediction's logs
@@ -80,12 +80,13 @@ class FluxPipelines:
 
     def __init__(
         self, dev_dir: Path, schnell_dir: Path, device: torch.device, dtype: torch.dtype,
-        resident: tuple[Variant, ...] | None = None,
+        resident: tuple[Variant, ...],
     ):
+        """resident: the variants built at setup and kept (flux/variants.py resident_variants)."""
         started = time.perf_counter()
         self.device, self.dtype = device, dtype
         self.fp8_config = fp8_config(device, dtype)  # also what LoRAs on fp8 are re-quantised with
-        self.resident = resident if resident is not None else resident_variants()
+        self.resident = resident
         self._dirs = {"dev": Path(dev_dir), "schnell": Path(schnell_dir)}
         with MODEL_LOADING:
             shared = FluxPipeline.from_pretrained(dev_dir, transformer=None, dtype=dtype).to(device)
@@ -98,7 +99,7 @@ class FluxPipelines:
         self._pipes: dict[tuple[Variant, str], FluxPipeline] = {}
         self._on_demand: Variant | None = None  # the one non-resident variant in memory, if any
         self._pending: dict[Variant, Future] | None = None  # background loads, once started
-        log.info("Loaded the FLUX text encoders and VAE (%s, %s) in %.2fs", device.type, _name(dtype), time.perf_counter() - started)
+        log.info("Loaded the FLUX text encoders and VAE (%s, %s) in %.2fs", device.type, dtype_name(dtype), time.perf_counter() - started)
         if self.resident:
             self._transformers[self.resident[0]] = self._load(self.resident[0])
 
@@ -192,5 +193,6 @@ class FluxPipelines:
         return self._pipes[key]
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16", "float32": for log lines."""
     return str(dtype).removeprefix("torch.")

@@ -13,11 +13,11 @@ from errors import UserError
 from flux.images import prepare_image, prepare_mask
 from flux.seeds import batch_seeds, resolve_seed
 from flux.sizes import ASPECT_RATIOS, MEGAPIXELS, output_size
+from flux.variants import MODELS
 
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**63  # torch generators take 64-bit seeds; seed + i must stay in range
-MODELS = ["dev", "schnell"]
 OUTPUT_FORMATS = ["webp", "jpg", "png"]
 # Inclusive bounds of the trained-LoRA pages (Predictor, FastPredictor). predict.py repeats them as literals for cog's
 # static schema reader; tests/test_schema.py checks every variant's bounds and defaults against this module.
@@ -134,13 +134,13 @@ def build_request(
     if mask is not None and image is None:
         raise UserError("mask: a mask needs an input image; also set image (white mask areas are repainted).")
     picture = prepare_image(image) if image is not None else None
+    custom = aspect_ratio == "custom"
     if picture is not None:
         width, height = picture.size
         log.info("Input image resized to %dx%d; aspect_ratio, width, height and megapixels are ignored.", width, height)
     else:
-        if aspect_ratio != "custom" and (width is not None or height is not None):
+        if not custom and (width is not None or height is not None):
             log.info("width and height are only used with aspect_ratio=custom; ignoring them.")
-        custom = aspect_ratio == "custom"
         width, height = output_size(
             aspect_ratio,
             str(megapixels),
@@ -165,7 +165,7 @@ def build_request(
         mask=prepare_mask(mask, picture.size) if mask is not None and picture is not None else None,
         loras=loras,
         main_lora_scale=main_lora_scale,
-        custom_size=aspect_ratio == "custom",
+        custom_size=custom,
     )
 
 

@@ -32,7 +32,7 @@ from torchao.quantization import Float8WeightOnlyConfig, PerTensor  # noqa: E402
 from flux.fast.lora_fp8 import Fp8LoraFuser  # noqa: E402
 from flux.fast.quality import lora_strength, psnr  # noqa: E402
 from flux.fast.quantize import CheckpointWeights, load_fp8_transformer  # noqa: E402
-from flux.pipelines import FluxPipelines, pick_dtype  # noqa: E402
+from flux.pipelines import FluxPipelines, dtype_name, pick_dtype  # noqa: E402
 from flux.variants import Variant  # noqa: E402
 from lora.apply import LoraFuser  # noqa: E402
 from lora.formats import LoraWeights, load_lora  # noqa: E402
@@ -161,7 +161,7 @@ def median_seconds(fn, repeats: int = 5) -> float:
 def main() -> None:
     torch.manual_seed(0)
     pipelines = tiny_pipelines()
-    dtype = str(pipelines.dtype).removeprefix("torch.")
+    dtype = dtype_name(pipelines.dtype)
     folder, device = pipelines.checkpoint_dir("dev"), pipelines.device
     build = median_seconds(lambda: load_fp8_transformer(folder, device, pipelines.dtype, pipelines.fp8_config), 3)
     print(f"Tiny FLUX on {pipelines.device.type}, base dtype {dtype}, fp8 config {type(pipelines.fp8_config).__name__}")

@@ -102,7 +102,7 @@ STATED_DEFAULTS = {
     "predict.py:LegacyPredictor": {"guidance_scale": 3.5},  # seed 002
 }
 STATED_LIMITS = {"predict.py:LegacyPredictor": {"lora_scale": (-1, 2)}}  # seed 002: lora_scale le=2
-CHOICES = {"aspect_ratio": ASPECT_RATIOS, "megapixels": MEGAPIXELS, "model": MODELS, "output_format": OUTPUT_FORMATS}
+CHOICES = {"aspect_ratio": ASPECT_RATIOS, "megapixels": MEGAPIXELS, "model": list(MODELS), "output_format": OUTPUT_FORMATS}
 
 
 @pytest.mark.parametrize("ref", VARIANTS)

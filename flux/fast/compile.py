@@ -70,7 +70,6 @@ def compile_transformer(
     backend: object = "inductor",
     fullgraph: bool = False,
     attention: Sequence[SDPBackend] | None = None,
-    mode: str | None = None,
 ) -> None:
     """Compile `transformer.forward` in place, with a dynamic token dimension (see the module docstring).
 
@@ -80,7 +79,7 @@ def compile_transformer(
     if is_compiled(transformer):
         return
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    compiled = torch.compile(transformer.forward, backend=backend, fullgraph=fullgraph, mode=mode)
+    compiled = torch.compile(transformer.forward, backend=backend, fullgraph=fullgraph)
     priority = list(attention) if attention else None
 
     @functools.wraps(transformer.forward)  # the bound method: its signature, without self

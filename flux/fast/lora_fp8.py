@@ -4,7 +4,8 @@ For every fp8 Linear a request's LoRAs touch:
 
     W_fp8 = quantise(cast(W_bf16 + Σ_i scale_i · (alpha_i / rank_i) · B_i @ A_i))
 
-where W_bf16 is the module's weight read from the checkpoint (once, then kept with the backup). That is
+where W_bf16 is the module's weight read from the checkpoint when its backup is taken (the first fuse that
+touches it after it was last restored) and kept with that backup. That is
 bit for bit the fp8 build of the bf16 model with these LoRAs fused, so go_fast keeps a LoRA's full strength
 with no multiplier. The obvious alternative, dequantise the fp8 weight, add, requantise, rounds twice: a
 typical LoRA change (a few percent of W) is smaller than half an fp8 step for most elements, so they round
