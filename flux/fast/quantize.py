@@ -73,19 +73,20 @@ class CheckpointWeights:
     def __init__(self, folder: Path, dtype: torch.dtype):
         self.folder, self.dtype = Path(folder), dtype
         self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}  # one open (memory-mapped) handle per shard, not one per tensor
         for file in sorted(self.folder.glob("*.safetensors")):
-            with safe_open(file, framework="pt") as handle:
-                self._file_of.update(dict.fromkeys(handle.keys(), file))
+            self._handles[file] = safe_open(file, framework="pt")
+            self._file_of.update(dict.fromkeys(self._handles[file].keys(), file))
         if not self._file_of:
             raise FileNotFoundError(f"no .safetensors files in {self.folder}")
 
     def names(self) -> list[str]:
+        """Every tensor name, grouped by shard."""
         return list(self._file_of)
 
     def read(self, name: str, device: torch.device | str = "cpu") -> Tensor:
         """The tensor as the model holds it: floating tensors in the model dtype (as from_pretrained casts them)."""
-        with safe_open(self._file_of[name], framework="pt") as handle:
-            tensor = handle.get_tensor(name)
+        tensor = self._handles[self._file_of[name]].get_tensor(name)
         dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
         return tensor.to(device, dtype)
 
@@ -104,7 +105,7 @@ def load_fp8_transformer(folder: Path, device: torch.device, dtype: torch.dtype,
     missing = expected - set(checkpoint.names())
     if missing:
         raise ValueError(f"{checkpoint.folder} lacks {len(missing)} transformer weights, e.g. {sorted(missing)[0]}")
-    for name in expected:
+    for name in [name for name in checkpoint.names() if name in expected]:  # shard by shard, not in set order
         module_name, _, attribute = name.rpartition(".")
         module = modules[module_name]
         tensor = checkpoint.read(name, device)
