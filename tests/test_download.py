@@ -4,6 +4,7 @@ whose fault they are, the address guard, stalls and cancel, concurrency, kill -9
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -478,6 +479,47 @@ def test_free_disk_floor_evicts_and_refuses(file_server: FileServer, tmp_path: P
     with pytest.raises(DownloadError, match="not enough room") as caught:
         fetch(dl, huge, key="huge")
     assert str(root) not in str(caught.value) and not isinstance(caught.value, (UserError, UpstreamError))
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_full_disk_while_writing_is_one_clear_error_without_the_path(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranges: bool
+) -> None:
+    url = file_server.add("/f.bin", payload(300_000), ranges=ranges)
+    root = tmp_path / "cache"
+
+    def no_room(*_args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", str(root / "partial" / "x"))
+
+    if ranges:
+        monkeypatch.setattr(os, "pwrite", no_room)
+    else:
+        real_open = Path.open
+
+        class NoRoom(io.BytesIO):
+            write = no_room  # type: ignore[assignment]
+
+        def open_without_room(self: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+            if self.name == "download.part" and mode == "wb":
+                return NoRoom()
+            return real_open(self, mode, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Path, "open", open_without_room)
+    with pytest.raises(DownloadError, match="the server's disk is full") as caught:
+        fetch(downloader(tmp_path, cache=FileCache(root, max_bytes=0)), url)
+    assert type(caught.value) is DownloadError and str(tmp_path) not in str(caught.value)
+    assert not list((root / "partial").iterdir())  # nothing half-written stays
+
+
+@pytest.mark.parametrize("code", [errno.EDQUOT, errno.EACCES])
+def test_other_write_failures_hide_the_servers_path(tmp_path: Path, code: int) -> None:
+    def produce(_work_dir: Path) -> Path:
+        raise OSError(code, os.strerror(code), "/srv/private/cache/partial/x")
+
+    with pytest.raises(DownloadError) as caught:
+        downloader(tmp_path).store("k", produce, input_name="extra_lora", description="x.tar")
+    assert type(caught.value) is DownloadError and "/srv/private" not in str(caught.value)
+    assert ("disk is full" in str(caught.value)) == (code == errno.EDQUOT)
 
 
 def test_a_file_larger_than_the_whole_cache_is_refused(file_server: FileServer, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ failures (5xx, a dropped connection) are retried. Logs and errors show URLs with
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import time
@@ -159,6 +160,15 @@ class Downloader:
         except CacheSpaceError as exc:
             error_type = DownloadRefused if exc.larger_than_cache else DownloadError
             raise error_type(f"{input_name}: {label}: {exc.strerror}") from None
+        except OSError as exc:
+            # Writing (a chunk, the resume state, an extracted tar) or reading a local tar failed on this server:
+            # neither the user's input nor the remote host is at fault, so a plain DownloadError. Its message
+            # would name a path on this server, so users get the error's kind and the log gets the whole of it.
+            log.warning("%s: %s: %r", input_name, label, exc)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DownloadError(f"{input_name}: the server's disk is full; try again later") from None
+            kind = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            raise DownloadError(f"{input_name}: {label}: this server could not write or read a file ({kind})") from None
         return FetchResult(path, path.stat().st_size, hit, time.monotonic() - started)
 
     def _with_retries(self, job: HttpJob, attempt: Callable[[], Any], *, work: Work | None = None) -> Any:

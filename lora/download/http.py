@@ -7,7 +7,6 @@ own messages: library messages contain full URLs, queries included.
 
 from __future__ import annotations
 
-import errno
 import http.client
 import socket
 from collections.abc import Mapping
@@ -158,8 +157,6 @@ class HttpJob:
             )
             stalled.keep_partial = True
             return stalled
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return DownloadError(f"{self.input_name}: the server's disk is full; try again later")
         if isinstance(exc, requests.exceptions.ChunkedEncodingError) or _find_in_chain(
             exc, (urllib3.exceptions.ProtocolError, http.client.IncompleteRead)
         ):
