@@ -300,17 +300,20 @@ class _Fetcher:
                 ) from None
             raise
         versions = info.get("modelVersions") if isinstance(info, dict) else None
-        if not versions or not isinstance(versions[0], dict) or "id" not in versions[0]:
-            raise self._error(f"CivitAI model {model_id} has no downloadable version")
-        newest = versions[0]
-        files = [f for f in newest.get("files") or [] if isinstance(f, dict) and f.get("type", "Model") == "Model"]
-        safetensors = [f for f in files if (f.get("metadata") or {}).get("format") == "SafeTensor"]
+        try:  # a malformed answer (versions or files not lists, metadata not a dict...) is CivitAI's fault
+            if not versions or not isinstance(versions[0], dict) or "id" not in versions[0]:
+                raise self._error(f"CivitAI model {model_id} has no downloadable version")
+            version_id, files = str(versions[0]["id"]), versions[0].get("files") or []
+            files = [f for f in files if isinstance(f, dict) and f.get("type", "Model") == "Model"]
+            safetensors = [f for f in files if (f.get("metadata") or {}).get("format") == "SafeTensor"]
+            sha256 = ((safetensors[0].get("hashes") or {}).get("SHA256") if safetensors else None) or None
+        except (KeyError, TypeError, AttributeError):
+            raise HostFailed(f"{self.input_name}: CivitAI answered unexpected JSON for model {model_id}") from None
         if files and not safetensors:
             raise self._error(
-                f"CivitAI model {model_id} (version {newest['id']}) has no SafeTensor file; pickle formats are refused"
+                f"CivitAI model {model_id} (version {version_id}) has no SafeTensor file; pickle formats are refused"
             )
-        sha256 = ((safetensors[0].get("hashes") or {}).get("SHA256") if safetensors else None) or None
-        return str(newest["id"]), sha256.lower() if isinstance(sha256, str) else None
+        return version_id, sha256.lower() if isinstance(sha256, str) else None
 
     def _data_uri(self, source: DataUriSource) -> FetchResult:
         if len(source.data) > self.max_size:
@@ -326,9 +329,7 @@ class _Fetcher:
     def _local(self, source: LocalPathSource) -> FetchResult:
         started = time.monotonic()
         path = Path(os.path.expanduser(source.path)).resolve()
-        allowed = [
-            Path(d).expanduser().resolve() for d in settings.paths("FLUX_LORA_LOCAL_DIRS")
-        ]
+        allowed = [Path(d).expanduser().resolve() for d in settings.paths("FLUX_LORA_LOCAL_DIRS")]
         if not self.allow_any_local_path and not any(path.is_relative_to(folder) for folder in allowed):
             if not allowed:
                 raise self._error(

@@ -22,8 +22,10 @@ from tests.fixtures.servers import (
     CivitaiVersion,
     FileServer,
     HubServer,
+    LocalServer,
     ReplicateServer,
     Reply,
+    json_reply,
     make_safetensors,
     make_tar,
 )
@@ -231,6 +233,26 @@ def test_pickle_behind_a_safetensors_request_is_refused(civitai_server: CivitaiS
     with pytest.raises(UserError, match=r"is a PyTorch pickle checkpoint.*only \.safetensors"):
         fetch("civitai.com/api/download/models/301")
     assert cache_entries(lora_env) == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"modelVersions": {"id": 1}},
+        {"modelVersions": 5},
+        {"modelVersions": [{"id": 1, "files": 5}]},
+        {"modelVersions": [{"id": 1, "files": [{"type": "Model", "metadata": "SafeTensor"}]}]},
+        {"modelVersions": [{"id": 1, "files": [{"metadata": {"format": "SafeTensor"}, "hashes": ["x"]}]}]},
+    ],
+)
+def test_malformed_civitai_json_is_civitais_fault(
+    answer: object, monkeypatch: pytest.MonkeyPatch, allow_private_urls: None
+) -> None:
+    with LocalServer() as server:
+        server.route(r"/api/v1/models/\d+", lambda _request: json_reply(answer))
+        monkeypatch.setenv("FLUX_CIVITAI_BASE_URL", server.url)
+        with pytest.raises(HostFailed, match=r"^extra_lora: CivitAI answered unexpected JSON for model 7$"):
+            fetch("civitai.com/models/7")
 
 
 # ---------------------------------------------------------------- Replicate
