@@ -72,7 +72,6 @@ class Downloader:
         key: str,
         input_name: str,
         max_size: int,
-        headers: Mapping[str, str] | None = None,
         auth_headers: Mapping[str, str] | None = None,
         expected_sha256: str | None = None,
         finish: Callable[[Path], Path] | None = None,
@@ -95,7 +94,7 @@ class Downloader:
 
         def create(work: Work) -> Path:
             target = url() if callable(url) else Resolved(url, expected_sha256)
-            headers_sent = {"Accept-Encoding": "identity", **(headers or {})}
+            headers_sent = {"Accept-Encoding": "identity"}
             with self._monitor(input_name, label, cancelled) as monitor:
                 job = self._job(target.url, input_name, label, max_size, headers_sent, auth_headers, monitor)
                 downloaded = self._with_retries(job, lambda: self._attempt(job, work), work=work)

@@ -151,12 +151,10 @@ class HttpJob:
         if isinstance(exc, (requests.exceptions.ReadTimeout, TimeoutError)) or _find_in_chain(
             exc, urllib3.exceptions.ReadTimeoutError
         ):
-            stalled = DownloadStalled(
+            return DownloadStalled(
                 f"{self.input_name}: {host} sent nothing for {self.settings.stall_timeout_s:g} s "
                 "(FLUX_DOWNLOAD_STALL_TIMEOUT_S); try again later"
             )
-            stalled.keep_partial = True
-            return stalled
         if isinstance(exc, requests.exceptions.ChunkedEncodingError) or _find_in_chain(
             exc, (urllib3.exceptions.ProtocolError, http.client.IncompleteRead)
         ):

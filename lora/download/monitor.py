@@ -149,7 +149,6 @@ class TransferMonitor:
                 f"{prefix}{self._label} stalled: less than {STALL_MIN_BYTES // 1024} KiB arrived in "
                 f"{self._stall_s:g} s (FLUX_DOWNLOAD_STALL_TIMEOUT_S); the host may be overloaded, try again later"
             )
-        error.keep_partial = True  # a later attempt resumes what arrived
         return error
 
     def _shut_sockets(self) -> None:
