@@ -25,7 +25,7 @@ which does not give W back at s = 0).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, overload
 
 import torch
 from torch import Tensor
@@ -49,6 +49,23 @@ class WeightDelta(Protocol):
     def weight_delta(self, device: Device = None) -> Tensor: ...
 
     def bias_delta(self, device: Device = None) -> Tensor | None: ...
+
+
+def alpha_factor(alpha: float | None, rank: int | None) -> float:
+    """alpha/rank; a missing or zero alpha (or no rank, as for a LoKr of two whole matrices) means factor 1:
+    kohya defined alpha 0 as no scaling, and LyCORIS reads a missing or zero alpha as alpha = rank."""
+    return alpha / rank if alpha and rank else 1.0
+
+
+@overload
+def take_rows(tensor: Tensor, rows: tuple[slice, ...] | None) -> Tensor: ...
+@overload
+def take_rows(tensor: None, rows: tuple[slice, ...] | None) -> None: ...
+def take_rows(tensor: Tensor | None, rows: tuple[slice, ...] | None) -> Tensor | None:
+    """The rows of one part of a BFL fused layer (qkv, linear1), stacked; all of them for `rows` None."""
+    if tensor is None or rows is None:
+        return tensor
+    return torch.cat([tensor[row] for row in rows]).contiguous()
 
 
 def _f32(tensor: Tensor, device: Device) -> Tensor:

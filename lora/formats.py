@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from errors import UserError
 from lora import layouts, lycoris
-from lora.deltas import LoraDelta, WeightDelta
+from lora.deltas import LoraDelta, WeightDelta, alpha_factor, take_rows
 from lora.layouts import ALPHA, DOWN, DOWN_BIAS, MAGNITUDE, UP, UP_BIAS, Target
 
 log = logging.getLogger(__name__)
@@ -205,12 +205,6 @@ def _bias_is_supported(target: Target, components: Mapping[str, nn.Module]) -> b
     return True
 
 
-def _split(tensor: Tensor | None, rows: tuple[slice, ...] | None) -> Tensor | None:
-    if tensor is None or rows is None:
-        return tensor
-    return torch.cat([tensor[row] for row in rows]).contiguous()
-
-
 def _lora_deltas(module: _Module, target: Target, alpha_from_metadata: _AlphaFromMetadata) -> list[LoraDelta]:
     """A LoRA module's delta per real Linear; a fused module's up matrix (and up bias) is split by rows."""
     misfit = _lora_misfit(module, target)
@@ -223,9 +217,9 @@ def _lora_deltas(module: _Module, target: Target, alpha_from_metadata: _AlphaFro
         alpha = file_alpha if file_alpha is not None else alpha_from_metadata.alpha(piece.path)
         deltas.append(LoraDelta(
             down=module.tensors[DOWN],
-            up=_split(module.tensors[UP], piece.rows),
-            factor=1.0 if not alpha else alpha / rank,
-            up_bias=_split(module.tensors.get(UP_BIAS), piece.rows),
+            up=take_rows(module.tensors[UP], piece.rows),
+            factor=alpha_factor(alpha, rank),
+            up_bias=take_rows(module.tensors.get(UP_BIAS), piece.rows),
             down_bias=module.tensors.get(DOWN_BIAS),
         ))
     return deltas

@@ -22,11 +22,10 @@ convolutions.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from lora.deltas import HadamardDelta, KronDelta
-from lora.layouts import ALPHA, DOWN, LOHA_ROLES, LOKR_ROLES, MAGNITUDE, UP, Piece, Target
+from lora.deltas import HadamardDelta, KronDelta, alpha_factor, take_rows
+from lora.layouts import ALPHA, DOWN, LOHA_ROLES, LOKR_ROLES, MAGNITUDE, UP, Target
 
 LORA, LOKR, LOHA = "LoRA", "LoKr", "LoHa"
 
@@ -49,8 +48,7 @@ def _size(tensor: Tensor) -> str:
 
 
 def _factor(tensors: dict[str, Tensor], rank: int | None) -> float:
-    alpha = float(tensors[ALPHA].item()) if ALPHA in tensors else 0.0
-    return alpha / rank if rank and alpha else 1.0
+    return alpha_factor(float(tensors[ALPHA].item()) if ALPHA in tensors else None, rank)
 
 
 def _factor_pair(tensors: dict[str, Tensor], keys: dict[str, str], name: str) -> tuple[Tensor, ...]:
@@ -102,14 +100,9 @@ def _loha(tensors: dict[str, Tensor], keys: dict[str, str], target: Target) -> t
                 raise ValueError(f"{keys[role]!r} is {_size(tensor)}, this model needs {want}")
     factor = _factor(tensors, w1b.shape[0])
     return tuple(
-        HadamardDelta(_rows(w1a, piece), w1b, _rows(w2a, piece), w2b, factor) for piece in target.pieces
+        HadamardDelta(take_rows(w1a, piece.rows), w1b, take_rows(w2a, piece.rows), w2b, factor)
+        for piece in target.pieces
     )
-
-
-def _rows(tensor: Tensor, piece: Piece) -> Tensor:
-    if piece.rows is None:
-        return tensor
-    return torch.cat([tensor[row] for row in piece.rows]).contiguous()
 
 
 def lycoris_deltas(kind: str, tensors: dict[str, Tensor], keys: dict[str, str], target: Target) -> tuple:
@@ -130,7 +123,7 @@ def magnitudes(
     out, inner = target.out_rows, target.in_features
     if tuple(magnitude.shape) in ((out,), (out, 1)):
         per_row = magnitude.reshape(out, 1)
-        return tuple((_rows(per_row, piece), ()) for piece in target.pieces)
+        return tuple((take_rows(per_row, piece.rows), ()) for piece in target.pieces)
     if tuple(magnitude.shape) == (1, inner):
         group = tuple(piece.path for piece in target.pieces) if len(target.pieces) > 1 else ()
         return ((magnitude, group),) * len(target.pieces)

@@ -15,6 +15,7 @@ from torch import nn
 
 from errors import UserError
 from lora.apply import LoraFuser
+from lora.deltas import alpha_factor, take_rows
 from lora.formats import convert_lora, load_lora, read_lora
 from tests.fixtures import lora_factory as factory
 from weights.tiny.flux import tiny_transformer
@@ -406,3 +407,13 @@ def test_xlabs_matches_diffusers_converter_at_flux1_size(flux1_on_meta):
         assert delta.factor == 1.0
         assert torch.equal(delta.down, theirs[f"{path}.lora_A.weight"]), path
         assert torch.equal(delta.up, theirs[f"{path}.lora_B.weight"]), path
+
+
+def test_the_shared_alpha_and_row_rules() -> None:
+    """LoRA (formats.py) and LyCORIS (lycoris.py) share these: missing or zero alpha is factor 1; a fused part's
+    rows are its slices stacked, and None passes through."""
+    assert alpha_factor(8.0, 4) == 2.0
+    assert alpha_factor(None, 4) == alpha_factor(0.0, 4) == alpha_factor(8.0, None) == 1.0
+    tensor = torch.arange(12.0).reshape(6, 2)
+    assert take_rows(tensor, None) is tensor and take_rows(None, (slice(0, 1),)) is None
+    assert take_rows(tensor, (slice(0, 1), slice(4, 6))).tolist() == [[0.0, 1.0], [8.0, 9.0], [10.0, 11.0]]
