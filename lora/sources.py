@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit, urlunspl
 
 from errors import UserError
 from lora.download.checks import PICKLE_SUFFIXES
-from lora.download.urls import redact_url
+from lora.download.urls import DEFAULT_PORTS, redact_url
 
 _ACCEPTED_FILE_SUFFIXES = (".safetensors", ".tar")
 
@@ -176,9 +176,8 @@ def _parse_source(text: str, input_name: str) -> LoraSource:
             value, scheme = "https://" + value, "https"
         elif lowered.endswith(_ACCEPTED_FILE_SUFFIXES) and ("/" not in value or "." not in first):
             return _local(value, input_name)  # "lora.safetensors", "loras/x.safetensors"
-        elif lowered.endswith(PICKLE_SUFFIXES):
-            _refuse_pickle(value, input_name)
         else:
+            _refuse_if_pickle(value, input_name)
             raise UserError(
                 f"{input_name}: cannot tell what {_short(value)!r} is. Use owner/model[/version] for Replicate, "
                 "huggingface.co/owner/repo, civitai.com/models/<id>, an https:// URL of a .safetensors file, "
@@ -204,13 +203,12 @@ def _parse_url(value: str, input_name: str) -> LoraSource:
         return _parse_civitai(segments, parts.query, value, input_name)
     if bare_host in _REPLICATE_HOSTS and parts.port is None:
         return _parse_replicate_url(segments, value, input_name)
-    if parts.path.lower().endswith(PICKLE_SUFFIXES):
-        _refuse_pickle(parts.path, input_name)
+    _refuse_if_pickle(parts.path, input_name)
     # Normalise what does not change the resource: scheme and host case, a default port.
     netloc = parts.netloc.rpartition("@")
     host_port = netloc[2].lower()
     scheme = parts.scheme.lower()
-    if host_port.endswith({"http": ":80", "https": ":443"}[scheme]):
+    if parts.port == DEFAULT_PORTS[scheme]:
         host_port = host_port.rsplit(":", 1)[0]
     normalised = urlunsplit((scheme, netloc[0] + netloc[1] + host_port, parts.path or "/", parts.query, ""))
     return UrlSource(normalised)
@@ -239,7 +237,7 @@ def _parse_huggingface(segments: list[str], value: str, input_name: str) -> Hugg
     elif rest:
         filename = "/".join(rest)
     if filename is not None:
-        _check_file_name(filename, value, input_name)
+        _refuse_if_pickle(filename, input_name)
     return HuggingFaceSource(repo_id, revision, filename)
 
 
@@ -314,7 +312,7 @@ def _parse_data_uri(value: str, input_name: str) -> DataUriSource:
 
 
 def _local(path: str, input_name: str) -> LocalPathSource:
-    _check_file_name(path, path, input_name)
+    _refuse_if_pickle(path, input_name)
     if "\x00" in path:
         raise UserError(f"{input_name}: invalid local path")
     normalised = path if path.startswith("~") else posixpath.normpath(path)
@@ -323,12 +321,10 @@ def _local(path: str, input_name: str) -> LocalPathSource:
     return LocalPathSource(os.fspath(normalised))
 
 
-def _check_file_name(name: str, value: str, input_name: str) -> None:
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        _refuse_pickle(name, input_name)
-
-
-def _refuse_pickle(name: str, input_name: str) -> None:
+def _refuse_if_pickle(name: str, input_name: str) -> None:
+    """A UserError if `name` ends like a pickle format (.ckpt, .pt, .pth, .bin, .pkl)."""
+    if not name.lower().endswith(PICKLE_SUFFIXES):
+        return
     suffix = os.path.splitext(name.rstrip("/"))[1].lower()
     raise UserError(
         f"{input_name}: {suffix} files are Python pickles, which can run code when loaded; only .safetensors "

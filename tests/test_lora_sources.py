@@ -115,6 +115,8 @@ def test_civitai_version_is_the_cache_key_when_known() -> None:
         ("https://example.com/loras/style.safetensors", "https://example.com/loras/style.safetensors"),
         ("https://EXAMPLE.com:443/a.safetensors?sig=abc&exp=1", "https://example.com/a.safetensors?sig=abc&exp=1"),
         ("http://example.com:80/a.safetensors", "http://example.com/a.safetensors"),
+        ("https://example.com:0443/a.safetensors", "https://example.com/a.safetensors"),
+        ("https://[::1]:443/a.safetensors", "https://[::1]/a.safetensors"),
         (
             "https://replicate.delivery/xezq/abc/trained_model.tar",
             "https://replicate.delivery/xezq/abc/trained_model.tar",
