@@ -102,70 +102,100 @@ def build_request(
 ) -> GenerationRequest:
     """Validate raw inputs (as cog passes them: no type coercion) and decode the images.
 
-    `limits` are the bounds of the schema variant that was called (LIMITS or LEGACY_LIMITS).
+    `limits` are the bounds of the schema variant that was called (LIMITS or LEGACY_LIMITS). The cheap checks
+    come first, so a bad number is reported without decoding an image. Every step raises UserError only.
     """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError("prompt: is empty; describe the image you want (for a trained LoRA, include its trigger word).")
+    _check_prompt(prompt)
     _check_choice("model", model, MODELS)
     _check_choice("output_format", output_format, OUTPUT_FORMATS)
     _check_choice("aspect_ratio", aspect_ratio, ASPECT_RATIOS)
     _check_choice("megapixels", str(megapixels), MEGAPIXELS)
-    numbers = {
-        "prompt_strength": _number("prompt_strength", prompt_strength, limits),
-        "num_outputs": _integer("num_outputs", num_outputs, limits),
-        "num_inference_steps": _integer("num_inference_steps", num_inference_steps, limits),
-        "guidance_scale": _number("guidance_scale", guidance_scale, limits),
-        "output_quality": _integer("output_quality", output_quality, limits),
-    }
+    strength = _number("prompt_strength", prompt_strength, limits)
+    outputs = _integer("num_outputs", num_outputs, limits)
+    steps = _integer("num_inference_steps", num_inference_steps, limits)
+    guidance = _number("guidance_scale", guidance_scale, limits)
+    quality = _integer("output_quality", output_quality, limits)
     main_lora_scale = _number("lora_scale", lora_scale, limits)
-    loras = tuple(
-        LoraSpec(source.strip(), scale, source_name)
-        for source_name, source, scale in (
-            ("replicate_weights", replicate_weights, main_lora_scale),
-            ("extra_lora", extra_lora, _number("extra_lora_scale", extra_lora_scale, limits)),
-        )
-        if source is not None and str(source).strip()
+    loras = _lora_specs(
+        ("replicate_weights", replicate_weights, main_lora_scale),
+        ("extra_lora", extra_lora, _number("extra_lora_scale", extra_lora_scale, limits)),
     )
-    if seed is not None:
-        seed = _integer("seed", seed)
-        if seed >= MAX_SEED:
-            raise UserError(f"seed: {seed} is too large; use a number below {MAX_SEED} (or leave it empty for a random one).")
-
-    if mask is not None and image is None:
-        raise UserError("mask: a mask needs an input image; also set image (white mask areas are repainted).")
-    picture = prepare_image(image) if image is not None else None
-    custom = aspect_ratio == "custom"
-    if picture is not None:
-        width, height = picture.size
-        log.info("Input image resized to %dx%d; aspect_ratio, width, height and megapixels are ignored.", width, height)
-    else:
-        if not custom and (width is not None or height is not None):
-            log.info("width and height are only used with aspect_ratio=custom; ignoring them.")
-        width, height = output_size(
-            aspect_ratio,
-            str(megapixels),
-            _integer("width", width) if custom and width is not None else None,  # bounds: flux/sizes.py
-            _integer("height", height) if custom and height is not None else None,
-        )
+    checked_seed = _seed(seed)
+    picture, mask_image = _images(image, mask)
+    width, height = _resolve_size(picture, aspect_ratio, str(megapixels), width, height)
     return GenerationRequest(
         prompt=prompt,
         model=model,
         width=width,
         height=height,
-        num_outputs=int(numbers["num_outputs"]),
-        num_inference_steps=int(numbers["num_inference_steps"]),
-        guidance_scale=float(numbers["guidance_scale"]),
-        seed=resolve_seed(seed),
+        num_outputs=outputs,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        seed=resolve_seed(checked_seed),
         output_format=output_format,
-        output_quality=int(numbers["output_quality"]),
+        output_quality=quality,
         disable_safety_checker=bool(disable_safety_checker),
         go_fast=bool(go_fast),
-        prompt_strength=float(numbers["prompt_strength"]),
+        prompt_strength=strength,
         image=picture,
-        mask=prepare_mask(mask, picture.size) if mask is not None and picture is not None else None,
+        mask=mask_image,
         loras=loras,
         main_lora_scale=main_lora_scale,
-        custom_size=custom,
+        custom_size=aspect_ratio == "custom",
+    )
+
+
+def _check_prompt(prompt: object) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError("prompt: is empty; describe the image you want (for a trained LoRA, include its trigger word).")
+
+
+def _lora_specs(*inputs: tuple[str, object, float]) -> tuple[LoraSpec, ...]:
+    """(input name, source, scale) of each LoRA input, in order; a missing or blank source names no LoRA."""
+    return tuple(
+        LoraSpec(str(source).strip(), scale, input_name)
+        for input_name, source, scale in inputs
+        if source is not None and str(source).strip()
+    )
+
+
+def _seed(seed: object) -> int | None:
+    """The user's seed, checked (None stays None: resolve_seed picks a random one)."""
+    if seed is None:
+        return None
+    checked = _integer("seed", seed)
+    if checked >= MAX_SEED:
+        raise UserError(f"seed: {checked} is too large; use a number below {MAX_SEED} (or leave it empty for a random one).")
+    return checked
+
+
+def _images(
+    image: str | Path | None, mask: str | Path | None
+) -> tuple[Image.Image | None, Image.Image | None]:
+    """The decoded input image and its mask, resized to it (flux/images.py); a mask needs an image."""
+    if mask is not None and image is None:
+        raise UserError("mask: a mask needs an input image; also set image (white mask areas are repainted).")
+    if image is None:
+        return None, None
+    picture = prepare_image(image)
+    return picture, prepare_mask(mask, picture.size) if mask is not None else None
+
+
+def _resolve_size(
+    picture: Image.Image | None, aspect_ratio: str, megapixels: str, width: object, height: object
+) -> tuple[int, int]:
+    """The output size: the processed input image's, else the aspect ratio's (width/height with `custom` only)."""
+    if picture is not None:
+        log.info("Input image resized to %dx%d; aspect_ratio, width, height and megapixels are ignored.", *picture.size)
+        return picture.size
+    custom = aspect_ratio == "custom"
+    if not custom and (width is not None or height is not None):
+        log.info("width and height are only used with aspect_ratio=custom; ignoring them.")
+    return output_size(
+        aspect_ratio,
+        megapixels,
+        _integer("width", width) if custom and width is not None else None,  # bounds: flux/sizes.py
+        _integer("height", height) if custom and height is not None else None,
     )
 
 

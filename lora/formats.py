@@ -76,22 +76,16 @@ class LoraWeights:
 # --- reading ----------------------------------------------------------------------------------------
 
 
-def read_lora(path: str | Path, *, input_name: str) -> dict[str, Tensor]:
-    """All tensors of a .safetensors LoRA file, on the CPU, in their stored dtypes. The file's format and header
-    were checked once, by lora.fetch where its bytes arrived (pickles never get here); safe_open runs no code,
-    so anything else that reaches it is refused as damaged."""
+def read_lora(path: str | Path, *, input_name: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of a .safetensors LoRA file, on the CPU, in their stored dtypes, and its string metadata, read
+    in one opening. The file's format and header were checked once, by lora.fetch where its bytes arrived
+    (pickles never get here); safe_open runs no code, so anything else that reaches it is refused as damaged."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
-            return {key: file.get_tensor(key) for key in file.keys()}
+            return {key: file.get_tensor(key) for key in file.keys()}, dict(file.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
         raise UserError(f"{input_name}: {path.name} is a damaged .safetensors file ({error}).") from error
-
-
-def read_lora_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a .safetensors file (call after read_lora has accepted the file)."""
-    with safe_open(str(path), framework="pt", device="cpu") as file:
-        return dict(file.metadata() or {})
 
 
 def load_lora(
@@ -99,10 +93,10 @@ def load_lora(
     identity: str | None = None,
 ) -> LoraWeights:
     """read_lora + convert_lora (with the file's metadata)."""
-    state_dict = read_lora(path, input_name=input_name)
+    state_dict, metadata = read_lora(path, input_name=input_name)
     return convert_lora(
         state_dict, input_name=input_name, transformer=transformer, text_encoder=text_encoder,
-        metadata=read_lora_metadata(path), identity=identity,
+        metadata=metadata, identity=identity,
     )
 
 
@@ -254,106 +248,153 @@ def convert_lora(
     Raises UserError (naming `input_name`) when the file is for another architecture, when a module it
     names has other shapes than ours, or when it changes no transformer module. Does not touch the models.
     `identity` names these deltas for LoraFuser's "nothing changed" check (e.g. the cache key + file hash).
+    Steps: refuse a foreign file; convert each module, noting any problem; refuse a file the problems make unusable.
     """
+    modules, ignored = _group_by_module(state_dict)
+    _refuse_foreign(state_dict, modules, input_name)
+    findings = _Findings(ignored)
+    converter = _ModuleConverter(transformer, text_encoder, _AlphaFromMetadata(metadata))
+    for module in modules.values():
+        converter.convert(module, findings)
+    _refuse_unusable(findings, list(state_dict), input_name)
+
+    weights = LoraWeights(
+        deltas=findings.deltas, matched=findings.matched, ignored=findings.ignored,
+        layout=findings.layouts.most_common(1)[0][0], **({"identity": identity} if identity else {}),
+    )
+    if findings.ignored:
+        log.warning("%s: partial match: %d keys matched, %d ignored. %s",
+                    input_name, findings.matched, len(findings.ignored), weights.describe())
+    else:
+        log.info("%s: %s", input_name, weights.describe())
+    return weights
+
+
+@dataclass
+class _Findings:
+    """What converting a file's modules found: deltas, keys left out and why, and modules that refuse the file."""
+
+    ignored: dict[str, str]  # file key -> why it was not used
+    deltas: dict[str, WeightDelta] = field(default_factory=dict)
+    matched: int = 0  # file keys that went into deltas
+    layouts: Counter[str] = field(default_factory=Counter)  # key layout (and algorithm) per transformer module
+    damaged: list[str] = field(default_factory=list)  # keys holding NaN or Inf
+    unsupported: list[str] = field(default_factory=list)  # modules in a format we know but cannot apply
+    misfits: list[str] = field(default_factory=list)  # modules whose shapes are not this model's
+
+    def ignore(self, module: _Module, reason: str) -> None:
+        self.ignored.update(dict.fromkeys(module.keys.values(), reason))
+
+
+class _ModuleConverter:
+    """Converts file modules against the loaded models; notes every problem in the findings, raises none."""
+
+    def __init__(self, transformer: nn.Module, text_encoder: nn.Module | None, alphas: _AlphaFromMetadata):
+        self.table = layouts.ModuleTable(transformer, text_encoder)
+        self.components = {"transformer": transformer, **({"text_encoder": text_encoder} if text_encoder else {})}
+        self.alphas = alphas
+
+    def convert(self, module: _Module, findings: _Findings) -> None:
+        target = self._resolve(module, findings)
+        kind = self._algorithm(module, findings) if target is not None else None
+        if target is None or kind is None:
+            return
+        damaged = _non_finite_key(module)
+        if damaged:
+            findings.damaged.append(damaged)
+            return
+        self._sanitise(module, target, findings)
+        if any(piece.path in findings.deltas for piece in target.pieces):
+            findings.ignore(module, "a second LoRA for the same module")
+            return
+        try:
+            deltas = _module_deltas(module, kind, target, self.alphas)
+        except ValueError as misfit:
+            findings.misfits.append(str(misfit))
+            return
+        except lycoris.Unsupported as error:
+            findings.unsupported.append(str(error))
+            return
+        findings.deltas.update(deltas)
+        findings.matched += len(module.keys)
+        if target.pieces[0].path.startswith("transformer."):
+            kinds = ([] if kind == lycoris.LORA else [kind]) + (["DoRA"] if MAGNITUDE in module.tensors else [])
+            findings.layouts[" ".join([layouts.layout_label(module.name), *kinds])] += 1
+
+    def _resolve(self, module: _Module, findings: _Findings) -> Target | None:
+        """The model module this file module changes; None (noted as ignored) when there is none to change."""
+        if module.name.startswith(layouts.T5_PREFIXES):
+            findings.ignore(module, "for the T5 text encoder (not supported)")
+            return None
+        target = self.table.resolve(module.name)
+        if target is None:
+            if module.name.startswith(layouts.CLIP_PREFIXES) and not self.table.has_text_encoder:
+                findings.ignore(module, "for the CLIP text encoder, which is not loaded")
+            else:
+                findings.ignore(module, "for no module of this model")
+        return target
+
+    @staticmethod
+    def _algorithm(module: _Module, findings: _Findings) -> str | None:
+        """LoRA, LoKr or LoHa; None (noted) when the module cannot be applied as it is."""
+        try:
+            kind = lycoris.algorithm(set(module.tensors))
+        except lycoris.Unsupported as error:
+            findings.unsupported.append(f"{module.name!r} {error}")
+            return None
+        if kind is None or (kind == lycoris.LORA and not {DOWN, UP} <= module.tensors.keys()):
+            findings.ignore(module, "without their down/up partner")
+            return None
+        return kind
+
+    def _sanitise(self, module: _Module, target: Target, findings: _Findings) -> None:
+        """Matrices where tools stored 1×1 convolutions; biases dropped (noted) for a model module without bias."""
+        module.tensors = {role: _as_matrix(tensor) for role, tensor in module.tensors.items()}
+        has_bias = DOWN_BIAS in module.tensors or UP_BIAS in module.tensors
+        if has_bias and not _bias_is_supported(target, self.components):
+            for role in (DOWN_BIAS, UP_BIAS):
+                if role in module.keys:
+                    findings.ignored[module.keys.pop(role)] = "a bias for a module without bias"
+                    module.tensors.pop(role)
+
+
+def _refuse_foreign(state_dict: Mapping[str, Tensor], modules: Mapping[str, _Module], input_name: str) -> None:
+    """UserError for an empty file, or one trained for another architecture (SD1.5/SDXL module names)."""
     if not state_dict:
         raise UserError(f"{input_name}: the LoRA file holds no tensors; give a FLUX.1 LoRA .safetensors file.")
-    modules, ignored = _group_by_module(state_dict)
-    for name in modules:
-        foreign = layouts.foreign_architecture(name)
+    for name, foreign in ((name, layouts.foreign_architecture(name)) for name in modules):
         if foreign:
             raise UserError(
                 f"{input_name}: this LoRA was trained for {foreign}, not FLUX.1 (it has modules like {name!r}); "
                 "use a LoRA trained for FLUX.1 [dev] or [schnell]."
             )
 
-    table = layouts.ModuleTable(transformer, text_encoder)
-    components = {"transformer": transformer, **({"text_encoder": text_encoder} if text_encoder else {})}
-    alpha_from_metadata = _AlphaFromMetadata(metadata)
-    deltas: dict[str, WeightDelta] = {}
-    misfits: list[str] = []
-    unsupported: list[str] = []  # modules in a format we know but cannot apply
-    seen_layouts: Counter[str] = Counter()
-    matched = 0
 
-    def ignore(module: _Module, reason: str) -> None:
-        ignored.update(dict.fromkeys(module.keys.values(), reason))
-
-    for module in modules.values():
-        if module.name.startswith(layouts.T5_PREFIXES):
-            ignore(module, "for the T5 text encoder (not supported)")
-            continue
-        target = table.resolve(module.name)
-        if target is None:
-            if module.name.startswith(layouts.CLIP_PREFIXES) and not table.has_text_encoder:
-                ignore(module, "for the CLIP text encoder, which is not loaded")
-            else:
-                ignore(module, "for no module of this model")
-            continue
-        try:
-            kind = lycoris.algorithm(set(module.tensors))
-        except lycoris.Unsupported as error:
-            unsupported.append(f"{module.name!r} {error}")
-            continue
-        if kind is None or (kind == lycoris.LORA and not {DOWN, UP} <= module.tensors.keys()):
-            ignore(module, "without their down/up partner")
-            continue
-        damaged = _non_finite_key(module)
-        if damaged:
-            raise UserError(
-                f"{input_name}: the LoRA file has non-finite values (NaN or Inf) in {damaged!r}; it is damaged. "
-                "Train or export it again, or use another file."
-            )
-        module.tensors = {role: _as_matrix(tensor) for role, tensor in module.tensors.items()}
-        has_bias = DOWN_BIAS in module.tensors or UP_BIAS in module.tensors
-        if has_bias and not _bias_is_supported(target, components):
-            for role in (DOWN_BIAS, UP_BIAS):
-                if role in module.keys:
-                    ignored[module.keys.pop(role)] = "a bias for a module without bias"
-                    module.tensors.pop(role)
-        if any(piece.path in deltas for piece in target.pieces):
-            ignore(module, "a second LoRA for the same module")
-            continue
-        try:
-            module_deltas = _module_deltas(module, kind, target, alpha_from_metadata)
-        except ValueError as misfit:
-            misfits.append(str(misfit))
-            continue
-        except lycoris.Unsupported as error:
-            unsupported.append(str(error))
-            continue
-
-        deltas.update(module_deltas)
-        matched += len(module.keys)
-        if target.pieces[0].path.startswith("transformer."):
-            kinds = ([] if kind == lycoris.LORA else [kind]) + (["DoRA"] if MAGNITUDE in module.tensors else [])
-            seen_layouts[" ".join([layouts.layout_label(module.name), *kinds])] += 1
-    if unsupported:
+def _refuse_unusable(findings: _Findings, keys: list[str], input_name: str) -> None:
+    """UserError when a module is damaged, of a variant we cannot apply or of other shapes, or when the file
+    changes no transformer module."""
+    if findings.damaged:
         raise UserError(
-            f"{input_name}: this LoRA uses a LyCORIS/DoRA variant we cannot apply yet in {len(unsupported)} of its "
-            f"modules ({unsupported[0]}). LoRA, LoKr, LoHa and DoRA files for Linear layers are supported."
+            f"{input_name}: the LoRA file has non-finite values (NaN or Inf) in {findings.damaged[0]!r}; it is "
+            "damaged. Train or export it again, or use another file."
         )
-    if misfits:
+    if findings.unsupported:
         raise UserError(
-            f"{input_name}: this LoRA does not fit FLUX.1: {len(misfits)} of its modules have other shapes "
-            f"({misfits[0]}). It was probably trained for another model (SD1.5, SDXL, SD3, FLUX.2...); "
+            f"{input_name}: this LoRA uses a LyCORIS/DoRA variant we cannot apply yet in {len(findings.unsupported)} "
+            f"of its modules ({findings.unsupported[0]}). LoRA, LoKr, LoHa and DoRA files for Linear layers are "
+            "supported."
+        )
+    if findings.misfits:
+        raise UserError(
+            f"{input_name}: this LoRA does not fit FLUX.1: {len(findings.misfits)} of its modules have other shapes "
+            f"({findings.misfits[0]}). It was probably trained for another model (SD1.5, SDXL, SD3, FLUX.2...); "
             "use a LoRA trained for FLUX.1 [dev] or [schnell]."
         )
-    if not any(path.startswith("transformer.") for path in deltas):
-        examples = ", ".join(repr(key) for key in list(state_dict)[:3])
-        reasons = "; ".join(sorted({reason for reason in ignored.values() if "not supported" in reason}))
+    if not any(path.startswith("transformer.") for path in findings.deltas):
+        examples = ", ".join(repr(key) for key in keys[:3])
+        reasons = "; ".join(sorted({reason for reason in findings.ignored.values() if "not supported" in reason}))
         raise UserError(
             f"{input_name}: no key of this file matches a FLUX.1 transformer module (keys like {examples}"
             + (f"; {reasons}" if reasons else "")
             + f"); it is not a FLUX.1 LoRA in a supported layout ({_SUPPORTED})."
         )
-
-    weights = LoraWeights(
-        deltas=deltas, matched=matched, ignored=ignored, layout=seen_layouts.most_common(1)[0][0],
-        **({"identity": identity} if identity else {}),
-    )
-    if ignored:
-        log.warning("%s: partial match: %d keys matched, %d ignored. %s",
-                    input_name, matched, len(ignored), weights.describe())
-    else:
-        log.info("%s: %s", input_name, weights.describe())
-    return weights
