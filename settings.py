@@ -27,7 +27,9 @@ def _declare(name: str, default: str, meaning: str) -> None:
 
 # --- model weights -------------------------------------------------------------------------------------------
 _declare("FLUX_WEIGHTS", "", "`tiny` forces the tiny random test weights; `real` forces real weights")
-_declare("FLUX_WEIGHTS_DIR", "", "real weights folder; missing components are downloaded from the Hub into it")
+_declare("FLUX_WEIGHTS_DIR", "", "real weights folder; missing components are downloaded into it (from FLUX_WEIGHTS_URL, else the Hub)")
+_declare("FLUX_WEIGHTS_URL", "", "base URL of the operator's weight host: each missing folder is fetched as `<base>/<folder>.tar` instead of from the Hub (private and loopback hosts allowed)")
+_declare("FLUX_WEIGHTS_TIMEOUT_S", "3600", "overall deadline for one weights tar from FLUX_WEIGHTS_URL, seconds (34 GB at 10 MB/s)")
 _declare("FLUX_SAFETY_WEIGHTS_DIR", "", "take the two safety checker folders from here")
 _declare("FLUX_TINY_WEIGHTS_DIR", "", "where the tiny test weights are generated (default `.cache/tiny-weights`)")
 _declare("FLUX_DTYPE", "", "`bf16` or `fp32` (default: bf16 on GPU, fp32 on CPU)")

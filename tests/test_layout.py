@@ -14,8 +14,11 @@ import settings
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flux", "lora", "safety", "weights")
 # Layers, top to bottom. A module may import its own layer's package or any lower layer, never a higher or a
-# sibling one (lora and safety do not know each other; lora.download and weights neither).
-LAYERS = {"predict": 4, "flux": 3, "lora": 2, "safety": 2, "lora.download": 1, "weights": 1, "errors": 0, "settings": 0}
+# sibling one (lora and safety do not know each other). Downloading is the bottom layer's service: weights may
+# fetch with lora.download (weights from FLUX_WEIGHTS_URL), lora.download never imports weights.
+LAYERS = {
+    "predict": 4, "flux": 3, "lora": 2, "safety": 2, "weights": 1.5, "lora.download": 1, "errors": 0, "settings": 0,
+}  # fmt: skip
 
 
 def project_modules() -> list[Path]:

@@ -2,9 +2,13 @@
 
 - FLUX_WEIGHTS=tiny forces the tiny random weights (tests, CPU demos).
 - FLUX_WEIGHTS_DIR=/path points at real weights laid out as in weights/manifest.py (FLUX.1-dev/, FLUX.1-schnell/,
-  stable-diffusion-safety-checker/, nsfw_image_detection/). Missing folders are downloaded from the Hub into it.
+  stable-diffusion-safety-checker/, nsfw_image_detection/). Missing folders are downloaded into it: as
+  `<FLUX_WEIGHTS_URL>/<folder>.tar` when that is set (weights/remote.py), otherwise from the Hub.
 - Neither set: real weights in ./model-cache when a CUDA GPU is present, otherwise the tiny weights.
 - FLUX_SAFETY_WEIGHTS_DIR=/path takes the two safety checker folders from elsewhere (e.g. a tuned checker).
+
+Every folder used is checked before it is trusted (weights/verify.py: headers only, milliseconds), the tiny ones
+too. A folder that is all there is used as it is: a restart never touches the network.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import settings
 from weights.manifest import MANIFEST
+from weights.verify import verify_weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ def resolve_weight_paths(cuda_available: bool) -> WeightPaths:
             safety_stage1=Path(safety_dir) / MANIFEST["safety_stage1"].folder,
             safety_stage2=Path(safety_dir) / MANIFEST["safety_stage2"].folder,
         )
+    for folder in (paths.dev, paths.schnell, paths.safety_stage1, paths.safety_stage2):
+        verify_weights_folder(folder)
     return paths
 
 
@@ -50,7 +57,11 @@ def _flux_weight_paths(cuda_available: bool) -> WeightPaths:
     root = Path(directory) if directory else DEFAULT_REAL_DIR
     paths = {name: root / source.folder for name, source in MANIFEST.items()}
     missing = [name for name, path in paths.items() if not path.is_dir()]
-    if missing:
+    if missing and settings.is_set("FLUX_WEIGHTS_URL"):
+        from weights.remote import fetch_weight_folders
+
+        fetch_weight_folders(root, [MANIFEST[name].folder for name in missing], settings.text("FLUX_WEIGHTS_URL"))
+    elif missing:
         download_real_weights(root, missing)
     return WeightPaths(**paths, tiny=False)
 

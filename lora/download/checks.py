@@ -122,7 +122,7 @@ def _byte_range(name: str, info: object, input_name: str) -> tuple[int, int]:
     return start, end
 
 
-def _unsafe_member_name(name: str) -> bool:
+def unsafe_member_name(name: str) -> bool:
     parts = name.replace("\\", "/").split("/")
     return name.startswith(("/", "\\")) or ".." in parts or "\x00" in name or re.match(r"^[A-Za-z]:", name) is not None
 
@@ -144,7 +144,7 @@ def extract_single_safetensors(
             for count, member in enumerate(_members(archive), start=1):
                 if count > max_members:
                     raise UserError(f"{input_name}: the tar archive has more than {max_members} entries")
-                if _unsafe_member_name(member.name):
+                if unsafe_member_name(member.name):
                     raise UserError(f"{input_name}: the tar archive has an unsafe entry name {member.name!r}")
                 if member.issym() or member.islnk():
                     raise UserError(f"{input_name}: the tar archive has a link ({member.name!r}); links are refused")

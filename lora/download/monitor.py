@@ -106,7 +106,11 @@ class TransferMonitor:
             self._last_log = now
             done, total, rate = self._done, self._total, self._new / max(now - self._started, 1e-6) / MB
         if total:
-            log.info("downloading %s: %d%% of %.1f MB, %.1f MB/s", self._label, 100 * done // total, total / MB, rate)
+            left_s = (total - done) / MB / max(rate, 1e-6)
+            log.info(
+                "downloading %s: %d%% of %.1f MB, %.1f MB/s, %.0f s left",
+                self._label, 100 * done // total, total / MB, rate, left_s,
+            )  # fmt: skip
         else:
             log.info("downloading %s: %.1f MB so far, %.1f MB/s", self._label, done / MB, rate)
 
