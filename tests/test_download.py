@@ -23,7 +23,7 @@ import pytest
 
 from errors import UpstreamError, UserError
 from lora.download.addresses import is_public_address
-from lora.download.cache import FileCache
+from lora.download.cache import FileCache, LargerThanCache, Work
 from lora.download.checks import check_safetensors, extract_single_safetensors, sniff_format
 from lora.download.config import DownloadSettings, MiB
 from lora.download.downloader import Downloader
@@ -65,6 +65,26 @@ def payload(size: int, seed: int = 0) -> bytes:
 
 def entries(cache_root: Path) -> list[Path]:
     return sorted((cache_root / "entries").iterdir())
+
+
+class _NotCached(Exception):
+    pass
+
+
+def is_cached(cache: FileCache, key: str) -> bool:
+    """Whether `key` has a valid entry, asked the way fetches ask: on a miss the producer refuses to produce
+    (and leaves an unfinished download as it was)."""
+
+    def refuse(work: Work) -> Path:
+        if any(work.dir.iterdir()):
+            work.keep_for_resume()
+        raise _NotCached
+
+    try:
+        cache.get_or_create(key, refuse, description=key)
+    except _NotCached:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- ranges and streams
@@ -126,7 +146,7 @@ def test_server_breaking_mid_body_gives_a_clear_error_and_no_entry(
         fetch(dl, url)
     assert "Try again later" in str(caught.value) and not isinstance(caught.value, UserError)
     assert entries(dl.cache.root) == []
-    assert dl.cache.lookup("k") is None
+    assert not is_cached(dl.cache, "k")
     assert len(file_server.requests_for("/broken.bin")) >= 2  # it was tried again
 
 
@@ -407,7 +427,7 @@ def test_kill_9_mid_download_leaves_nothing_that_is_used(file_server: FileServer
     assert process.wait() == -signal.SIGKILL
 
     cache = FileCache(cache_root, max_bytes=0)
-    assert entries(cache_root) == [] and cache.lookup("k") is None
+    assert entries(cache_root) == [] and not is_cached(cache, "k")
     file_server.files["/big.bin"].rate = None
     sent_before = file_server.bytes_sent["/big.bin"]
     result = Downloader(cache, settings()).fetch(url, key="k", input_name="t", max_size=10**8)
@@ -454,8 +474,8 @@ def test_lru_eviction_under_the_size_cap(file_server: FileServer, tmp_path: Path
     assert fetch(dl, urls["a"], key="a").cache_hit  # a is now the most recently used
     time.sleep(0.01)
     fetch(dl, urls["c"], key="c")
-    assert cache.lookup("b") is None
-    assert cache.lookup("a") is not None and cache.lookup("c") is not None
+    assert not is_cached(cache, "b")
+    assert is_cached(cache, "a") and is_cached(cache, "c")
 
 
 def test_free_disk_floor_evicts_and_refuses(file_server: FileServer, tmp_path: Path) -> None:
@@ -473,7 +493,7 @@ def test_free_disk_floor_evicts_and_refuses(file_server: FileServer, tmp_path: P
     fetch(dl, urls[0], key="0")
     fetch(dl, urls[1], key="1")
     fetch(dl, urls[2], key="2")  # 250 kB would be free before, 150 kB after: "0" goes
-    assert cache.lookup("0") is None and cache.lookup("1") is not None and cache.lookup("2") is not None
+    assert not is_cached(cache, "0") and is_cached(cache, "1") and is_cached(cache, "2")
 
     huge = file_server.add("/huge", payload(300_000))
     with pytest.raises(DownloadError, match="not enough room") as caught:
@@ -525,8 +545,34 @@ def test_other_write_failures_hide_the_servers_path(tmp_path: Path, code: int) -
 def test_a_file_larger_than_the_whole_cache_is_refused(file_server: FileServer, tmp_path: Path) -> None:
     url = file_server.add("/f.bin", payload(300_000))
     dl = downloader(tmp_path, cache=FileCache(tmp_path / "cache", max_bytes=200_000))
-    with pytest.raises(DownloadError, match="more than the whole cache may hold"):
+    with pytest.raises(DownloadError, match="more than the whole cache may hold") as caught:
         fetch(dl, url)
+    assert isinstance(caught.value, UserError)  # it would never fit: the input's fault, unlike a full cache
+    with pytest.raises(LargerThanCache):
+        dl.cache.make_room(200_001)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_failed_producer_leaves_its_work_only_when_it_keeps_it_for_resume(tmp_path: Path, keep: bool) -> None:
+    cache = FileCache(tmp_path / "cache", max_bytes=0)
+
+    def fail(work: Work) -> Path:
+        (work.dir / "half.part").write_bytes(b"half")
+        if keep:
+            work.keep_for_resume()
+        raise HostFailed("extra_lora: the host went away")
+
+    with pytest.raises(HostFailed):
+        cache.get_or_create("k", fail, description="x")
+    found: list[bool] = []
+
+    def finish(work: Work) -> Path:
+        found.append((work.dir / "half.part").exists())
+        (work.dir / "half.part").write_bytes(b"whole")
+        return work.dir / "half.part"
+
+    path, hit = cache.get_or_create("k", finish, description="x")
+    assert found == [keep] and not hit and path.read_bytes() == b"whole"
 
 
 def test_cache_persists_across_instances(file_server: FileServer, tmp_path: Path) -> None:

@@ -46,9 +46,11 @@ _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class CacheSpaceError(OSError):
-    """The cache cannot make room for a file (size cap or free-disk floor)."""
+    """The cache cannot make room for a file now (size cap or free-disk floor)."""
 
-    larger_than_cache = False  # True: the file alone is over the size cap, so it will never fit
+
+class LargerThanCache(CacheSpaceError):
+    """The file alone is over the cache's size cap, so it will never fit."""
 
 
 def sha256_file(path: Path) -> str:
@@ -124,13 +126,18 @@ class _Stored:
 class Work:
     """The work directory of one key, handed to a producer while the key's lock is held.
 
-    The directory survives a failed attempt when the producer asks (`keep_partial` on the exception), so a
-    later attempt can resume; otherwise it is removed."""
+    When the producer fails, the directory is removed, unless the producer called `keep_for_resume()`: then
+    the next attempt for the key finds it as it was left."""
 
     def __init__(self, cache: FileCache, key_hash: str, directory: Path) -> None:
         self._cache = cache
         self.key_hash = key_hash
         self.dir = directory
+        self.kept_for_resume = False
+
+    def keep_for_resume(self) -> None:
+        """Keep the directory if this attempt fails: it holds what a later attempt can resume."""
+        self.kept_for_resume = True
 
     def reserve(self, nbytes: int) -> None:
         """Make room for a file of `nbytes` before writing it (evicts other entries if needed)."""
@@ -160,12 +167,6 @@ class FileCache:
     def key_hash(key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()
 
-    def lookup(self, key: str) -> Path | None:
-        """The path of a valid entry for `key`, or None. Marks it as used."""
-        key_hash = self.key_hash(key)
-        with file_lock(self._lock_path(key_hash)):
-            return self._valid_entry(key_hash)
-
     def get_or_create(self, key: str, create: Callable[[Work], Path], *, description: str) -> tuple[Path, bool]:
         """(path, was_hit). On a miss, `create(work)` writes one file inside `work.dir` and returns its path;
         it becomes the entry. Concurrent callers for one key wait for the first one and then share its entry."""
@@ -176,11 +177,12 @@ class FileCache:
                 return hit, True
             work_dir = self.root / "partial" / key_hash
             work_dir.mkdir(parents=True, exist_ok=True)
+            work = Work(self, key_hash, work_dir)
             try:
-                produced = create(Work(self, key_hash, work_dir))
+                produced = create(work)
                 return self._commit(key_hash, produced, description), False
-            except BaseException as exc:
-                if not getattr(exc, "keep_partial", False):
+            except BaseException:
+                if not work.kept_for_resume:
                     _remove(work_dir)
                 raise
 
@@ -195,12 +197,10 @@ class FileCache:
         """Evict until a new file of `nbytes` fits under the cap and above the free-disk floor.
         `on_disk`: the file is already written, so it no longer takes free space."""
         if 0 < self.max_bytes < nbytes:
-            error = CacheSpaceError(
+            raise LargerThanCache(
                 errno.ENOSPC,
                 f"the file is {nbytes / MB:.1f} MB, more than the whole cache may hold ({self.max_bytes / MB:.1f} MB)",
             )
-            error.larger_than_cache = True
-            raise error
         with file_lock(self.root / "locks" / "evict.lock"):
             stored = [item for item in self._scan() if item.key_hash != keep]
             used = sum(item.size for item in stored)

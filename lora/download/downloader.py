@@ -29,7 +29,7 @@ from typing import Any
 
 import requests
 
-from lora.download.cache import CacheSpaceError, FileCache, Work, sha256_file
+from lora.download.cache import CacheSpaceError, FileCache, LargerThanCache, Work, sha256_file
 from lora.download.config import DownloadSettings, MiB
 from lora.download.errors import DownloadError, DownloadRefused
 from lora.download.http import READ_BYTES, HttpJob, Transient
@@ -157,7 +157,7 @@ class Downloader:
         try:
             path, hit = self.cache.get_or_create(key, create, description=label)
         except CacheSpaceError as exc:
-            error_type = DownloadRefused if exc.larger_than_cache else DownloadError
+            error_type = DownloadRefused if isinstance(exc, LargerThanCache) else DownloadError
             raise error_type(f"{input_name}: {label}: {exc.strerror}") from None
         except OSError as exc:
             # Writing (a chunk, the resume state, an extracted tar) or reading a local tar failed on this server:
@@ -183,9 +183,9 @@ class Downloader:
                     log.warning("%s: %s; retrying in %.1f s", job.label, exc, delay)
                     job.monitor.sleep(delay)
             raise AssertionError("unreachable")
-        except DownloadError as exc:
-            # worth keeping only what a later attempt can resume
-            exc.keep_partial = work is not None and ResumeState.exists(work.dir)
+        except DownloadError:
+            if work is not None and ResumeState.exists(work.dir):
+                work.keep_for_resume()  # worth keeping only what a later attempt can resume
             raise
 
     def _attempt(self, job: HttpJob, work: Work) -> Path:

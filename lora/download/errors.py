@@ -18,8 +18,6 @@ from errors import UpstreamError, UserError
 class DownloadError(Exception):
     """Any failed download (the base of the classes below)."""
 
-    keep_partial = False  # read by FileCache: keep the work directory so a later attempt can resume
-
 
 class DownloadRefused(DownloadError, UserError):
     """The user's fault: a bad URL, a missing or private file, too large, a private address."""
