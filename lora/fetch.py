@@ -53,7 +53,7 @@ from huggingface_hub.hf_api import RepoFile
 
 import settings
 from errors import UserError
-from lora.download.cache import GB, MB, FileCache
+from lora.download.cache import FileCache
 from lora.download.checks import PICKLE_SUFFIXES, accepted_format, check_safetensors, extract_single_safetensors
 from lora.download.config import DownloadSettings
 from lora.download.downloader import Cancelled, Downloader, FetchResult, Resolved
@@ -68,6 +68,7 @@ from lora.sources import (
     UrlSource,
     parse_source,
 )
+from units import GB, KB, MB
 
 log = logging.getLogger(__name__)
 
@@ -395,4 +396,4 @@ def _base_url(variable: str) -> str:
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / MB:.1f} MB" if nbytes >= MB // 10 else f"{nbytes / 1000:.1f} kB"
+    return f"{nbytes / MB:.1f} MB" if nbytes >= MB // 10 else f"{nbytes / KB:.1f} kB"

@@ -25,13 +25,15 @@ from errors import UpstreamError, UserError
 from lora.download.addresses import is_public_address
 from lora.download.cache import FileCache, LargerThanCache, Work
 from lora.download.checks import check_safetensors, extract_single_safetensors, sniff_format
-from lora.download.config import DownloadSettings, MiB
+from lora.download.config import DownloadSettings
 from lora.download.downloader import Downloader
 from lora.download.errors import DownloadCancelled, DownloadError, DownloadStalled, HostFailed, HTTPStatusError
 from lora.download.monitor import TransferMonitor
 from lora.download.redaction import redact_url
 from lora.fetch import lora_downloader
+from settings import SETTINGS, TRUSTED_BASE_URL_SETTINGS
 from tests.fixtures.servers import PICKLE_BYTES, FileServer, Reply, make_safetensors, make_tar
+from units import MiB
 
 pytest_plugins = ["tests.fixtures.servers"]
 
@@ -357,7 +359,7 @@ CHILD = """
 import sys
 from pathlib import Path
 from lora.download.cache import FileCache
-from lora.download.config import DownloadSettings, MiB
+from lora.download.config import DownloadSettings
 from lora.download.downloader import Downloader
 cache = FileCache(Path(sys.argv[1]), max_bytes=0)
 settings = DownloadSettings(allow_private=True, retries=0, connections=int(sys.argv[4]), probe_bytes=65536)
@@ -608,6 +610,14 @@ def test_configuration_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("FLUX_DOWNLOAD_CONNECTIONS", "many")
     with pytest.raises(ValueError, match="FLUX_DOWNLOAD_CONNECTIONS must be a number"):
         DownloadSettings.from_env()
+
+
+def test_the_downloaders_defaults_are_the_declared_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    downloads = [name for name in SETTINGS if name.startswith("FLUX_DOWNLOAD_")]
+    for name in [*downloads, "FLUX_ALLOW_PRIVATE_URLS", *TRUSTED_BASE_URL_SETTINGS]:
+        monkeypatch.delenv(name, raising=False)
+    assert DownloadSettings() == DownloadSettings.from_env()
+    assert DownloadSettings().max_chunk_bytes == int(SETTINGS["FLUX_DOWNLOAD_CHUNK_MB"].default) * MiB
 
 
 def test_get_json(file_server: FileServer, tmp_path: Path) -> None:

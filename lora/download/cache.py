@@ -38,10 +38,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from units import GB, MB, MiB  # noqa: F401  (GB: weights/remote.py imports it from here; units.py is its home)
+
 log = logging.getLogger(__name__)
 
-GB = 10**9
-MB = 10**6
 _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -55,7 +55,7 @@ class LargerThanCache(CacheSpaceError):
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    buffer = bytearray(1 << 20)
+    buffer = bytearray(MiB)
     view = memoryview(buffer)
     with path.open("rb", buffering=0) as file:
         while count := file.readinto(buffer):

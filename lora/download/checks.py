@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from errors import UserError
-from lora.download.cache import MB
+from units import MB, MiB
 
-MiB = 1 << 20
-_READ_BYTES = 1 << 20
+_READ_BYTES = MiB
 
 _MAX_SAFETENSORS_HEADER = 100 * MiB
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")  # names of pickled checkpoints

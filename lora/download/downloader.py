@@ -30,13 +30,14 @@ from typing import Any
 import requests
 
 from lora.download.cache import CacheSpaceError, FileCache, LargerThanCache, Work, sha256_file
-from lora.download.config import DownloadSettings, MiB
+from lora.download.config import DownloadSettings
 from lora.download.errors import DownloadError, DownloadRefused
 from lora.download.http import READ_BYTES, HttpJob, Transient
 from lora.download.monitor import TransferMonitor
 from lora.download.ranged import download_ranges
 from lora.download.redaction import redact_url
 from lora.download.resume import ResumeState
+from units import MiB
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from lora.download.config import DownloadSettings
 from lora.download.errors import DownloadError, DownloadRefused, DownloadStalled, HostFailed, HTTPStatusError
 from lora.download.monitor import TransferMonitor
 from lora.download.redaction import redact_url, url_origin
+from units import MB, MiB
 
-MB = 10**6
-READ_BYTES = 1 << 20
+READ_BYTES = MiB
 _MAX_REDIRECTS = 10
 
 

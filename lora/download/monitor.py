@@ -24,11 +24,11 @@ from collections.abc import Callable
 from typing import Any
 
 from lora.download.errors import DownloadCancelled, DownloadError, DownloadStalled, HostFailed
+from units import MB, KiB
 
 log = logging.getLogger(__name__)
 
-MB = 10**6
-STALL_MIN_BYTES = 16 * 1024
+STALL_MIN_BYTES = 16 * KiB
 
 
 class TransferMonitor:
@@ -150,7 +150,7 @@ class TransferMonitor:
             if window_start > now - self._stall_s or samples[-1][1] - bytes_then >= STALL_MIN_BYTES:
                 return None
             error = DownloadStalled(
-                f"{prefix}{self._label} stalled: less than {STALL_MIN_BYTES // 1024} KiB arrived in "
+                f"{prefix}{self._label} stalled: less than {STALL_MIN_BYTES // KiB} KiB arrived in "
                 f"{self._stall_s:g} s (FLUX_DOWNLOAD_STALL_TIMEOUT_S); the host may be overloaded, try again later"
             )
         return error
