@@ -44,3 +44,23 @@ def test_configured_folder_is_used_and_missing_parts_come_from_the_hub(monkeypat
     from safety.checker import SafetyChecker
 
     SafetyChecker.load(paths.safety_stage1, paths.safety_stage2, "cpu")  # what was fetched loads
+
+
+def test_weights_url_is_used_instead_of_the_hub(monkeypatch, tmp_path, tiny_weights, hub_server, file_server):
+    """With FLUX_WEIGHTS_URL set, a missing folder comes from `<base>/<folder>.tar`; the Hub is not asked."""
+    from tests.fixtures.servers import make_tar
+
+    root = tmp_path / "weights"
+    root.mkdir()
+    for name in ("dev", "schnell", "safety_stage1"):
+        (root / MANIFEST[name].folder).symlink_to(getattr(tiny_weights, name))
+    stage2 = tiny_weights.safety_stage2
+    files = {path.name: path.read_bytes() for path in stage2.iterdir() if path.is_file()}
+    hub_server.add_repo(MANIFEST["safety_stage2"].repo_id, files)
+    file_server.add(f"/w/{MANIFEST['safety_stage2'].folder}.tar", make_tar(files))
+    monkeypatch.setenv("FLUX_WEIGHTS", "real")
+    monkeypatch.setenv("FLUX_WEIGHTS_DIR", str(root))
+    monkeypatch.setenv("FLUX_WEIGHTS_URL", file_server.url + "/w/")  # a trailing slash is fine
+    paths = resolve_weight_paths(cuda_available=False)
+    assert (paths.safety_stage2 / "model.safetensors").read_bytes() == (stage2 / "model.safetensors").read_bytes()
+    assert hub_server.requests == [] and hub_server.storage.requests == []

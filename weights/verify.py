@@ -22,24 +22,28 @@ class DamagedWeights(RuntimeError):
     """A weights folder is incomplete or damaged; the message names the file and says how to fix it."""
 
 
-def verify_weights_folder(folder: Path) -> int:
+def verify_weights_folder(folder: Path, *, name: str | None = None, fix: str | None = None) -> int:
     """Checks every .safetensors file and index under `folder`; returns how many .safetensors files it checked.
-    Raises DamagedWeights (naming the file) when one does not hold what it declares, or holds none at all."""
-    fix = f"Delete the folder {folder} so that setup fetches it again, or restore it from a good copy."
+    Raises DamagedWeights when one does not hold what it declares, or there is none: the message names the file
+    as `<name>/<path inside>` (`name`: the folder's own name by default) and ends with `fix` (default: delete
+    the folder so that setup fetches it again)."""
+    name = name or folder.name
+    fix = fix or f"Delete the folder {folder} so that setup fetches it again, or restore it from a good copy."
     files = sorted(folder.rglob("*.safetensors"))
     if not files:
-        raise DamagedWeights(f"{folder} holds no .safetensors file: it is not a complete weights folder. {fix}")
+        raise DamagedWeights(f"{name} holds no .safetensors file: it is not a complete weights folder. {fix}")
     for path in files:
         try:
-            check_safetensors(path, input_name=_shown(path, folder))
+            check_safetensors(path, input_name=_shown(path, folder, name))
         except UserError as error:
-            raise DamagedWeights(f"{error}. {fix}") from None
+            advice = str(error).removesuffix("; try again")  # a LoRA's advice; a folder has its own fix
+            raise DamagedWeights(f"{advice}. {fix}") from None
     for index in sorted(folder.rglob("*.safetensors.index.json")):
-        _check_index(index, folder, fix)
+        _check_index(index, folder, name, fix)
     return len(files)
 
 
-def _check_index(index: Path, folder: Path, fix: str) -> None:
+def _check_index(index: Path, folder: Path, name: str, fix: str) -> None:
     """Every shard the index names exists next to it and holds every tensor the index assigns to it."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -47,21 +51,23 @@ def _check_index(index: Path, folder: Path, fix: str) -> None:
         for tensor, shard in weight_map.items():
             wanted.setdefault(shard, set()).add(tensor)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise DamagedWeights(f"{_shown(index, folder)} is not a readable safetensors index. {fix}") from None
+        raise DamagedWeights(f"{_shown(index, folder, name)} is not a readable safetensors index. {fix}") from None
     for shard, tensors in sorted(wanted.items()):
         path = index.parent / shard
         if Path(shard).name != shard or not path.is_file():
-            raise DamagedWeights(f"{_shown(path, folder)} is missing: {_shown(index, folder)} names it. {fix}")
+            raise DamagedWeights(
+                f"{_shown(path, folder, name)} is missing: {_shown(index, folder, name)} names it. {fix}"
+            )
         with safe_open(path, framework="numpy") as opened:  # the header only; the data stays on disk
             absent = tensors - set(opened.keys())
         if absent:
             example = sorted(absent)[0]
             raise DamagedWeights(
-                f"{_shown(path, folder)} lacks {len(absent)} tensor(s) that {_shown(index, folder)} puts there "
+                f"{_shown(path, folder, name)} lacks {len(absent)} tensor(s) that {_shown(index, folder, name)} puts there "
                 f"(e.g. {example!r}). {fix}"
             )
 
 
-def _shown(path: Path, folder: Path) -> str:
+def _shown(path: Path, folder: Path, name: str) -> str:
     """The file as messages show it: the weights folder's name and the path inside it."""
-    return str(Path(folder.name) / path.relative_to(folder))
+    return str(Path(name) / path.relative_to(folder))
