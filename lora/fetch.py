@@ -29,22 +29,19 @@ fail, listing the candidates and saying how to name one (`huggingface.co/owner/r
 
 Cache: keyed by the normalised source, so `owner/model` or `huggingface.co/owner/repo` (no version, branch)
 is served from the cache after its first download even if the source later changes; name a version or a
-commit to pin one. Environment:
-  FLUX_LORA_CACHE_DIR      cache folder (~/.cache/flux/loras)
-  FLUX_LORA_CACHE_MAX_GB   cache size cap, least recently used evicted first (20)
-  FLUX_CACHE_MIN_FREE_GB   free disk to leave (2)
-  FLUX_LORA_MAX_GB         largest LoRA file accepted (3)
-  FLUX_REPLICATE_BASE_URL  (https://replicate.com)   FLUX_CIVITAI_BASE_URL (https://civitai.com)
-  HF_ENDPOINT              (https://huggingface.co)
-plus the downloader's settings (lora.download.config).
+commit to pin one. Settings (cache folder and caps, size limit, hosts, tokens): settings.py.
+
+A host's refusal (401, 403, 404) gets the hint of its row in `_HINTS`, which says what to do about it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token, hf_hub_url
@@ -98,12 +95,7 @@ def fetch_lora(
     UpstreamError when a host fails, DownloadCancelled once `cancelled()` is true."""
     parsed = parse_source(source, input_name=input_name)
     fetcher = _Fetcher(parsed, input_name, downloader or lora_downloader(), allow_any_local_path, cancelled)
-    result = fetcher.run()
-    if result.cache_hit:
-        result = fetcher.intact_hit(result)
-    how = "cache hit" if result.cache_hit else "downloaded"
-    if isinstance(parsed, LocalPathSource) and result.path == fetcher.local_path:
-        how = "local file"
+    result, how = fetcher.fetch()
     log.info("%s: LoRA %s, %s, %.2f s, %s", input_name, parsed.display, _size(result.size), result.seconds, how)
     return result.path
 
@@ -128,76 +120,115 @@ def pick_hf_file(paths: list[str], *, repo_id: str, input_name: str) -> str:
     )
 
 
+_REPLICATE_REFUSED = (
+    "Replicate refused access to {display} (HTTP {status}); for a private model set REPLICATE_API_TOKEN to a token "
+    "of an account that can read it"
+)
+# What a host's refusal means: per host (and endpoint), HTTP status -> the hint shown to the user. The
+# placeholders are the facts of the source (`_Remote.facts`) and the status. A status without a row keeps the
+# downloader's own message. Hugging Face's API errors come as huggingface_hub classes: `_HUB_ERRORS` maps them.
+_HINTS: dict[str, dict[int, str]] = {
+    "Replicate": {
+        401: _REPLICATE_REFUSED,
+        403: _REPLICATE_REFUSED,
+        404: "Replicate has no model {display}, or it has no trained weights; check the owner/model[/version] name",
+    },
+    "Hugging Face": {
+        401: "{where} was not found or is private; check the name, and for a private repo set HF_TOKEN",
+        403: "{where} is gated or your token cannot read it; accept its conditions on its page and set HF_TOKEN "
+        "to a token of that account",
+        404: "{where} has no {missing}; check the name",
+    },
+    "CivitAI": {
+        401: "CivitAI requires a login to download {display}; set CIVITAI_API_TOKEN to an API key "
+        "(civitai.com: Account settings, API Keys)",
+        403: "CivitAI refused {display} (HTTP 403): the model may be in early access or need a purchase, or "
+        "CIVITAI_API_TOKEN is not valid for it",
+        404: "CivitAI returned 404 for version {number}. A version id differs from the model id in "
+        "civitai.com/models/<id>: use the version id from the download link, or "
+        "civitai.com/models/<id>?modelVersionId=<version>",
+    },
+    "CivitAI models API": {
+        404: "CivitAI has no model {number}. If {number} is a version id (from a download link), use "
+        "civitai.com/api/download/models/{number}",
+    },
+}
+# The Hub API errors huggingface_hub names, with the status each stands for (GatedRepoError before its base class).
+_HUB_ERRORS = ((GatedRepoError, 403), (RepositoryNotFoundError, 401), (RevisionNotFoundError, 404))
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """Where a remote source's file is (or the lookup that finds it), the credentials for its host, and the row
+    of `_HINTS` that explains its host's refusals, with the facts the hints name."""
+
+    url: str | Callable[[], Resolved]
+    auth: dict[str, str]
+    host: str | None = None  # None: a plain URL, whose 4xx needs no hint
+    facts: dict[str, object] = field(default_factory=dict)
+
+
 class _Fetcher:
+    """One fetch of one source. Each step returns what it found; nothing is kept between steps."""
+
     def __init__(
-        self,
-        source: LoraSource,
-        input_name: str,
-        downloader: Downloader,
-        allow_any_local_path: bool,
+        self, source: LoraSource, input_name: str, downloader: Downloader, allow_any_local_path: bool,
         cancelled: Cancelled | None = None,
     ) -> None:
-        self.source = source
-        self.allow_any_local_path = allow_any_local_path
-        self.input_name = input_name
-        self.downloader = downloader
-        self.cancelled = cancelled
+        self.source, self.input_name, self.downloader = source, input_name, downloader
+        self.allow_any_local_path, self.cancelled = allow_any_local_path, cancelled
         self.max_size = int(settings.number("FLUX_LORA_MAX_GB") * GB)
-        self.local_path: Path | None = None
-        self.cache_key = source.cache_key  # a local tar's key also names its size and mtime
 
-    def intact_hit(self, result: FetchResult) -> FetchResult:
+    def fetch(self) -> tuple[FetchResult, str]:
+        """The checked file, and how it came: "downloaded", "cache hit" or "local file"."""
+        key, result = self._fetch()
+        if key is None:
+            return result, "local file"
+        if result.cache_hit:
+            result = self._intact_hit(key, result)
+        return result, "cache hit" if result.cache_hit else "downloaded"
+
+    def _fetch(self) -> tuple[str | None, FetchResult]:
+        """(the cache key the file is under, or None for a local file used where it is; the file)."""
+        source = self.source
+        if isinstance(source, LocalPathSource):
+            return self._local(source)
+        if isinstance(source, DataUriSource):
+            return source.cache_key, self._data_uri(source)
+        return source.cache_key, self._download(self._remote(source))
+
+    def _intact_hit(self, key: str, result: FetchResult) -> FetchResult:
         """A cache hit whose header still checks out; a damaged one is dropped and fetched once more."""
         try:
             check_safetensors(result.path, input_name=self.input_name)
             return result
         except UserError:
             log.warning("%s: the cached copy of %s is damaged; fetching it again", self.input_name, self.source.display)
-        self.downloader.drop(self.cache_key)
-        again = self.run()
+        self.downloader.drop(key)
+        _, again = self._fetch()
         if again.cache_hit:  # someone else fetched it meanwhile: check theirs too, but fetch no more
             check_safetensors(again.path, input_name=self.input_name)
         return again
 
-    def run(self) -> FetchResult:
-        source = self.source
+    # -------------------------------------------------------------- remote sources: where, and what refusals mean
+
+    def _remote(self, source: LoraSource) -> _Remote:
         if isinstance(source, ReplicateSource):
-            return self._replicate(source)
+            path = f"{source.owner}/{source.model}" + (f"/versions/{source.version}" if source.version else "")
+            url = f"{_base_url('FLUX_REPLICATE_BASE_URL')}/{path}/_weights"
+            return _Remote(url, _bearer(settings.text("REPLICATE_API_TOKEN")), "Replicate", {"display": source.display})
         if isinstance(source, HuggingFaceSource):
             return self._huggingface(source)
         if isinstance(source, CivitAISource):
             return self._civitai(source)
-        if isinstance(source, UrlSource):
-            return self._download(source.url, auth={})
-        if isinstance(source, DataUriSource):
-            return self._data_uri(source)
-        return self._local(source)
+        assert isinstance(source, UrlSource), source
+        return _Remote(source.url, auth={})
 
-    # -------------------------------------------------------------- per source
-
-    def _replicate(self, source: ReplicateSource) -> FetchResult:
-        base = _base_url("FLUX_REPLICATE_BASE_URL")
-        path = f"{source.owner}/{source.model}" + (f"/versions/{source.version}" if source.version else "")
-        token = settings.text("REPLICATE_API_TOKEN")
-        try:
-            return self._download(f"{base}/{path}/_weights", auth=_bearer(token))
-        except HTTPStatusError as exc:
-            if exc.status in (401, 403):
-                raise self._error(
-                    f"Replicate refused access to {source.display} (HTTP {exc.status}); for a private model set "
-                    "REPLICATE_API_TOKEN to a token of an account that can read it"
-                ) from None
-            if exc.status == 404:
-                raise self._error(
-                    f"Replicate has no model {source.display}, or it has no trained weights; check the "
-                    "owner/model[/version] name"
-                ) from None
-            raise
-
-    def _huggingface(self, source: HuggingFaceSource) -> FetchResult:
-        endpoint = _base_url("HF_ENDPOINT")
-        token = get_token()
+    def _huggingface(self, source: HuggingFaceSource) -> _Remote:
+        endpoint, token = _base_url("HF_ENDPOINT"), get_token()
         revision = source.revision or "main"
+        where = f"huggingface.co/{source.repo_id}"
+        missing = f"file {source.filename or 'to pick'!r} at revision {revision!r}"
 
         def resolve() -> Resolved:
             filename, sha256 = source.filename, None
@@ -210,38 +241,18 @@ class _Fetcher:
                 sha256 = entry.lfs.sha256 if entry.lfs else None
             return Resolved(hf_hub_url(source.repo_id, filename, revision=revision, endpoint=endpoint), sha256)
 
-        try:
-            return self._download(resolve, auth=_bearer(token or ""), description=source.display)
-        except HTTPStatusError as exc:
-            where = f"huggingface.co/{source.repo_id}"
-            if exc.status == 401:
-                raise self._error(
-                    f"{where} was not found or is private; check the name, and for a private repo set HF_TOKEN"
-                ) from None
-            if exc.status == 403:
-                raise self._error(
-                    f"{where} is gated or your token cannot read it; accept its conditions on its page and set HF_TOKEN"
-                ) from None
-            if exc.status == 404:
-                raise self._error(
-                    f"{where} has no file {source.filename or 'to pick'!r} at revision {revision!r}; check the file name"
-                ) from None
-            raise
+        return _Remote(resolve, _bearer(token or ""), "Hugging Face", {"where": where, "missing": missing})
 
     def _list_hf_repo(self, endpoint: str, token: str | None, repo_id: str, revision: str) -> dict[str, RepoFile]:
         where = f"huggingface.co/{repo_id}"
         try:
             tree = HfApi(endpoint=endpoint, token=token).list_repo_tree(repo_id, revision=revision, recursive=True)
             return {item.path: item for item in tree if isinstance(item, RepoFile)}
-        except GatedRepoError:
-            raise self._error(
-                f"{where} is gated; accept its conditions on its page and set HF_TOKEN to a token of that account"
-            ) from None
-        except RepositoryNotFoundError:
-            raise self._error(f"{where} was not found; check the name, and for a private repo set HF_TOKEN") from None
-        except RevisionNotFoundError:
-            raise self._error(f"{where} has no revision {revision!r}") from None
         except HfHubHTTPError as exc:
+            named = next((status for kind, status in _HUB_ERRORS if isinstance(exc, kind)), None)
+            if named is not None:
+                hint = _HINTS["Hugging Face"][named]
+                raise self._error(hint.format(where=where, missing=f"revision {revision!r}")) from None
             status = exc.response.status_code if exc.response is not None else "?"
             if isinstance(status, int) and 400 <= status < 500 and status != 429:
                 raise self._error(f"Hugging Face answered HTTP {status} when listing {where}; check the name") from None
@@ -253,7 +264,7 @@ class _Fetcher:
                 f"{self.input_name}: could not reach Hugging Face at {endpoint} ({type(exc).__name__}); try again later"
             ) from None
 
-    def _civitai(self, source: CivitAISource) -> FetchResult:
+    def _civitai(self, source: CivitAISource) -> _Remote:
         base = _base_url("FLUX_CIVITAI_BASE_URL")
         auth = _bearer(settings.text("CIVITAI_API_TOKEN"))
 
@@ -263,43 +274,15 @@ class _Fetcher:
                 version_id, sha256 = self._civitai_newest_version(base, auth, str(source.model_id))
             return Resolved(f"{base}/api/download/models/{version_id}?type=Model&format=SafeTensor", sha256)
 
-        try:
-            return self._download(resolve, auth=auth, description=source.display)
-        except HTTPStatusError as exc:
-            if exc.status == 401:
-                raise self._error(
-                    f"CivitAI requires a login to download {source.display}; set CIVITAI_API_TOKEN to an API key "
-                    "(civitai.com: Account settings, API Keys)"
-                ) from None
-            if exc.status == 403:
-                raise self._error(
-                    f"CivitAI refused {source.display} (HTTP 403): the model may be in early access or need a "
-                    "purchase, or CIVITAI_API_TOKEN is not valid for it"
-                ) from None
-            if exc.status == 404:
-                number = source.version_id or source.model_id
-                raise self._error(
-                    f"CivitAI returned 404 for version {number}. A version id differs from the model id in "
-                    "civitai.com/models/<id>: use the version id from the download link, or "
-                    "civitai.com/models/<id>?modelVersionId=<version>"
-                ) from None
-            raise
+        facts = {"display": source.display, "number": source.version_id or source.model_id}
+        return _Remote(resolve, auth, "CivitAI", facts)
 
     def _civitai_newest_version(self, base: str, auth: dict[str, str], model_id: str) -> tuple[str, str | None]:
-        try:
+        with self._hints("CivitAI models API", number=model_id):
             info = self.downloader.get_json(
-                f"{base}/api/v1/models/{model_id}",
-                input_name=self.input_name,
-                auth_headers=auth,
+                f"{base}/api/v1/models/{model_id}", input_name=self.input_name, auth_headers=auth,
                 cancelled=self.cancelled,
             )
-        except HTTPStatusError as exc:
-            if exc.status == 404:
-                raise self._error(
-                    f"CivitAI has no model {model_id}. If {model_id} is a version id (from a download link), use "
-                    f"civitai.com/api/download/models/{model_id}"
-                ) from None
-            raise
         versions = info.get("modelVersions") if isinstance(info, dict) else None
         try:  # a malformed answer (versions or files not lists, metadata not a dict...) is CivitAI's fault
             if not versions or not isinstance(versions[0], dict) or "id" not in versions[0]:
@@ -316,6 +299,8 @@ class _Fetcher:
             )
         return version_id, sha256.lower() if isinstance(sha256, str) else None
 
+    # -------------------------------------------------------------- files made here
+
     def _data_uri(self, source: DataUriSource) -> FetchResult:
         if len(source.data) > self.max_size:
             raise self._error("the data: URI is over the LoRA size limit")
@@ -327,7 +312,9 @@ class _Fetcher:
 
         return self.downloader.store(source.cache_key, produce, input_name=self.input_name, description=source.display)
 
-    def _local(self, source: LocalPathSource) -> FetchResult:
+    def _local(self, source: LocalPathSource) -> tuple[str | None, FetchResult]:
+        """A local .safetensors is used where it is (no key); a local tar's file is cached under a key that names
+        the tar's size and mtime, so a changed tar is a new source."""
         started = time.monotonic()
         path = Path(os.path.expanduser(source.path)).resolve()
         allowed = [Path(d).expanduser().resolve() for d in settings.paths("FLUX_LORA_LOCAL_DIRS")]
@@ -340,36 +327,45 @@ class _Fetcher:
             raise self._error(f"local LoRA paths must be inside FLUX_LORA_LOCAL_DIRS; {source.path} is not")
         if not path.is_file():
             raise self._error(f"no such file: {source.path}")
-        size = path.stat().st_size
-        if size > self.max_size:
-            raise self._error(f"{source.path} is {size / MB:.1f} MB, over the LoRA size limit")
+        stat = path.stat()
+        if stat.st_size > self.max_size:
+            raise self._error(f"{source.path} is {stat.st_size / MB:.1f} MB, over the LoRA size limit")
         if accepted_format(path, input_name=self.input_name, display=source.display) == "safetensors":
             check_safetensors(path, input_name=self.input_name)
-            self.local_path = path
-            return FetchResult(path, size, False, time.monotonic() - started)
-        stat = path.stat()
+            return None, FetchResult(path, stat.st_size, False, time.monotonic() - started)
 
         def produce(work_dir: Path) -> Path:
             return self._from_tar(path, work_dir / _LORA_FILE)
 
-        self.cache_key = f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"  # a changed tar is a new source
-        return self.downloader.store(self.cache_key, produce, input_name=self.input_name, description=source.display)
+        key = f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
+        return key, self.downloader.store(key, produce, input_name=self.input_name, description=source.display)
 
     # -------------------------------------------------------------- shared
 
-    def _download(
-        self, url: str | Callable[[], Resolved], *, auth: dict[str, str], description: str | None = None
-    ) -> FetchResult:
-        return self.downloader.fetch(
-            url,
-            key=self.cache_key,
-            input_name=self.input_name,
-            max_size=self.max_size,
-            auth_headers=auth,
-            finish=self._as_safetensors,
-            description=description or self.source.display,
-            cancelled=self.cancelled,
-        )
+    def _download(self, remote: _Remote) -> FetchResult:
+        """The one download path of every remote source."""
+        with self._hints(remote.host, **remote.facts):
+            return self.downloader.fetch(
+                remote.url,
+                key=self.source.cache_key,
+                input_name=self.input_name,
+                max_size=self.max_size,
+                auth_headers=remote.auth,
+                finish=self._as_safetensors,
+                description=self.source.display,
+                cancelled=self.cancelled,
+            )
+
+    @contextlib.contextmanager
+    def _hints(self, host: str | None, **facts: object) -> Iterator[None]:
+        """A 4xx from `host` with a row in `_HINTS` becomes that hint, naming the input."""
+        try:
+            yield
+        except HTTPStatusError as exc:
+            hint = _HINTS.get(host or "", {}).get(exc.status)
+            if hint is None:
+                raise
+            raise self._error(hint.format(status=exc.status, **facts)) from None
 
     def _as_safetensors(self, path: Path) -> Path:
         """The checked .safetensors for a fetched file: itself, or the one file of a tar."""

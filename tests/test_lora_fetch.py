@@ -162,8 +162,8 @@ def test_hf_errors_say_what_to_do(hub_server: HubServer) -> None:
     hub_server.add_repo("alice/gated", {"lora.safetensors": LORA_A}, gated=True)
     hub_server.add_repo("alice/style", {"lora.safetensors": LORA_A})
     hub_server.add_repo("alice/pickles", {"model.ckpt": PICKLE_BYTES})
-    with pytest.raises(UserError, match="gated; accept its conditions"):
-        fetch("huggingface.co/alice/gated")
+    with pytest.raises(UserError, match="gated or your token cannot read it; accept its conditions"):
+        fetch("huggingface.co/alice/gated")  # the Hub API's GatedRepoError: the same hint as a 403 download
     with pytest.raises(UserError, match="gated or your token cannot read it"):
         fetch("huggingface.co/alice/gated/lora.safetensors")
     with pytest.raises(UserError, match=r"has no file 'nope.safetensors' at revision 'main'"):
@@ -287,6 +287,17 @@ def test_replicate_private_model_token_stays_on_replicate(
     assert replicate_server.delivery.requests and all(
         "authorization" not in r.headers for r in replicate_server.delivery.requests
     )
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_replicate_refusal_says_which_token_to_set(
+    file_server: FileServer, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    file_server.route("/bob/locked/_weights", lambda _request: Reply(status, {}, b"denied"))
+    monkeypatch.setenv("FLUX_REPLICATE_BASE_URL", file_server.url)
+    expected = rf"^replicate_weights: Replicate refused access to bob/locked \(HTTP {status}\); .* REPLICATE_API_TOKEN"
+    with pytest.raises(UserError, match=expected):
+        fetch("bob/locked", input_name="replicate_weights")
 
 
 def test_replicate_tar_must_hold_exactly_one_safetensors(replicate_server: ReplicateServer, lora_env: Path) -> None:
