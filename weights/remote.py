@@ -26,12 +26,13 @@ from pathlib import Path
 
 import settings
 from errors import UserError
-from lora.download.cache import GB, FileCache, file_lock
+from lora.download.cache import FileCache, file_lock
 from lora.download.checks import unsafe_member_name
 from lora.download.config import DownloadSettings
 from lora.download.downloader import Cancelled, Downloader
 from lora.download.errors import DownloadError
 from lora.download.urls import redact_url, url_origin
+from units import GB
 from weights.verify import verify_weights_folder
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _fetch_folder(downloader: Downloader, root: Path, folder: str, url: str, can
         try:
             _check_room(tar_path, root, label)
             contents = extract_folder_tar(tar_path, staging, folder=folder, label=label)
-            verify_weights_folder(contents)
+            verify_weights_folder(contents, name=folder, fix=f"Nothing was kept; put a complete tar at {label}.")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
