@@ -7,6 +7,9 @@ stage 2's label is not "normal" or when stage 2 fails on it.
     checker = SafetyChecker.load(stage1_dir, stage2_dir, device)      # once, at setup
     report = checker.check(images, disabled=disable_safety_checker)   # per request
     kept = report.kept_or_raise(images)                                # [(index, image), ...] or UserError
+
+Importing this module changes no library's configuration; setup calls `quiet_safety_checker_logs()` (after
+weights.libraries.prepare_libraries(), which must run before transformers is imported for its choices to hold).
 """
 
 from __future__ import annotations
@@ -17,23 +20,22 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from weights.libraries import prepare_libraries
+import numpy as np
+import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+from transformers.image_processing_utils import BaseImageProcessor
 
-prepare_libraries()  # PIL image processors chosen before transformers is asked for them (no torchvision notice)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel  # noqa: E402
-from transformers.image_processing_utils import BaseImageProcessor  # noqa: E402
-
-from safety.verdicts import ImageVerdict, SafetyReport  # noqa: E402
+from safety.verdicts import ImageVerdict, SafetyReport
 
 log = logging.getLogger(__name__)
 
-# diffusers warns that flagged images "will be returned black"; we use only its flags, so that line would mislead.
-logging.getLogger(StableDiffusionSafetyChecker.__module__).setLevel(logging.ERROR)
+
+def quiet_safety_checker_logs() -> None:
+    """diffusers warns that flagged images "will be returned black"; we use only its flags, so that line would
+    mislead the person reading the log. Idempotent."""
+    logging.getLogger(StableDiffusionSafetyChecker.__module__).setLevel(logging.ERROR)
 
 
 def stage1_dtype(device: str | torch.device) -> torch.dtype:

@@ -29,7 +29,7 @@ from lora.download.config import DownloadSettings
 from lora.download.downloader import Downloader
 from lora.download.errors import DownloadCancelled, DownloadError, DownloadStalled, HostFailed, HTTPStatusError
 from lora.download.monitor import TransferMonitor
-from lora.download.redaction import redact_url
+from lora.download.redaction import install_redaction, redact_url
 from lora.fetch import lora_downloader
 from settings import SETTINGS, TRUSTED_BASE_URL_SETTINGS
 from tests.fixtures.servers import PICKLE_BYTES, FileServer, Reply, make_safetensors, make_tar
@@ -317,6 +317,7 @@ def test_credentials_stay_on_their_host_after_redirects(
         hop = file_server.redirect("/hop", same_host)
         secret = {"Authorization": "Bearer s3cr3t-token"}
         dl = downloader(tmp_path)
+        install_redaction()  # as setup does
         with caplog.at_level(logging.DEBUG):
             assert fetch(dl, api, key="a", auth_headers=secret).path.read_bytes() == data
             assert fetch(dl, hop, key="b", auth_headers=secret).path.read_bytes() == data
@@ -337,6 +338,36 @@ def test_errors_never_show_tokens_or_signed_queries(file_server: FileServer, tmp
         fetch(downloader(tmp_path), url, auth_headers={"Authorization": "Bearer header-secret"})
     text = str(caught.value)
     assert "query-secret" not in text and "header-secret" not in text and "missing.bin?..." in text
+
+
+SIGNED_GET = """
+import logging, sys
+import requests
+{prelude}
+logging.getLogger("urllib3").setLevel(logging.DEBUG)
+requests.get(sys.argv[1], timeout=30).raise_for_status()
+"""
+
+
+def fresh_process_log(prelude: str, url: str) -> str:
+    """What a new Python process logs when it runs `prelude` and then GETs `url` with urllib3 at DEBUG."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNED_GET.format(prelude=prelude), url],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_setup_keeps_signed_queries_out_of_the_http_libraries_logs(file_server: FileServer) -> None:
+    """Redaction is installed by setup's explicit call, in a process where nothing imported it before."""
+    url = file_server.add("/signed.bin", b"x") + "?X-Amz-Signature=topsecretsignature"
+    imported_only = fresh_process_log(
+        "import lora.download.downloader\nlogging.basicConfig(level=logging.DEBUG, stream=sys.stdout)", url
+    )
+    assert "topsecretsignature" in imported_only  # importing changes no logger: the control case
+    after_setup = fresh_process_log("from predict import Predictor\nPredictor().setup()", url)
+    assert '"GET /signed.bin?... HTTP/1.1" 200' in after_setup and "topsecretsignature" not in after_setup
 
 
 def test_redact_url() -> None:

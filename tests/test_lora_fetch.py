@@ -15,6 +15,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from errors import UserError
 from lora.download.errors import DownloadCancelled, HostFailed
+from lora.download.redaction import install_redaction
 from lora.fetch import fetch_lora, pick_hf_file
 from tests.fixtures.servers import (
     PICKLE_BYTES,
@@ -150,6 +151,7 @@ def test_hf_private_repo_uses_the_token_on_the_hub_only(
     with pytest.raises(UserError, match=r"^extra_lora: huggingface.co/alice/secret was not found.*HF_TOKEN"):
         fetch("huggingface.co/alice/secret")
     monkeypatch.setenv("HF_TOKEN", HubServer.token)
+    install_redaction()  # as setup does
     with caplog.at_level(logging.DEBUG):
         assert fetch("huggingface.co/alice/secret").read_bytes() == LORA_A
     resolve = hub_server.requests_for("/alice/secret/resolve/")

@@ -1,5 +1,7 @@
-"""Importing this module installs a filter on the HTTP libraries' loggers, whose request lines include the
-query string (signed URLs carry their signature there). It re-exports the pure URL helpers of `urls`."""
+"""Query strings kept out of the HTTP libraries' logs: urllib3 (DEBUG) and httpx (INFO) log request lines with
+the query, and a signed URL carries its signature there. `install_redaction()` puts a filter on their loggers;
+setup calls it (predict.py), once per process, before anything downloads. Importing this module changes
+nothing. It re-exports the pure URL helpers of `urls`."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ import re
 
 from lora.download.urls import DEFAULT_PORTS, redact_url, url_origin
 
-__all__ = ["DEFAULT_PORTS", "redact_url", "url_origin"]  # the pure helpers live in `urls`
+__all__ = ["DEFAULT_PORTS", "install_redaction", "redact_url", "url_origin"]  # the pure helpers live in `urls`
+
+_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager", "httpx", "httpx2")
 
 
 class _RedactQueryStrings(logging.Filter):
-    """urllib3 (DEBUG) and httpx (INFO) log request lines with the query; a signed URL's signature must not get out."""
+    """Replaces every query string of a record's message with `?...`."""
 
     _QUERY = re.compile(r"\?[^\s\"']*")
 
@@ -23,5 +27,10 @@ class _RedactQueryStrings(logging.Filter):
         return True
 
 
-for _name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager", "httpx", "httpx2"):
-    logging.getLogger(_name).addFilter(_RedactQueryStrings())
+_FILTER = _RedactQueryStrings()
+
+
+def install_redaction() -> None:
+    """Filter the HTTP libraries' loggers. Idempotent: a logger keeps one copy of the same filter object."""
+    for name in _LOGGERS:
+        logging.getLogger(name).addFilter(_FILTER)
