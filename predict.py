@@ -10,9 +10,9 @@ variants repeat them); flux/request.py holds the same bounds (`limits` below, so
 schema of the class called) and tests/test_schema.py checks every variant against it. Behaviour lives in flux/.
 """
 
-import inspect
 import logging
 import sys
+import time
 from typing import List, Optional
 
 from cog import BasePredictor, Input, Path
@@ -22,26 +22,24 @@ from flux.request import LEGACY_LIMITS, LIMITS, build_request
 
 class Predictor(BasePredictor):
     limits = LIMITS
+    go_fast_default = False  # the signature's go_fast default (a test checks they agree): decides the resident variants
 
     def setup(self, weights: Optional[str] = None) -> None:
+        started = time.perf_counter()
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         from weights.libraries import prepare_libraries
 
         prepare_libraries()  # before diffusers and transformers load: no import noise in the logs
-        # imported here so that reading the schema (script/schema) does not load torch
-        from flux.generate import FluxGenerator
-        from flux.inputs import claim_upload_folder
-        from flux.lora_state import default_main_lora
-        from flux.pipelines import pick_device
-        from weights.locations import resolve_weight_paths
+        from lora.download.redaction import install_redaction
+        from safety.checker import quiet_safety_checker_logs
 
-        claim_upload_folder()  # cog saves URL and data-URI inputs there; request file paths elsewhere are refused
-        paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
-        # the schema's go_fast default decides which variants stay in memory (bf16, or fp8 for FastPredictor)
-        go_fast = inspect.signature(self.predict).parameters.get("go_fast")
-        default = getattr(go_fast, "default", None)  # Input(...) in-process; coglet's worker sees the bare value
-        go_fast_default = bool(getattr(default, "default", default))
-        self.generator = FluxGenerator(paths, default_lora=default_main_lora(weights), go_fast_default=go_fast_default)
+        install_redaction()  # no query string (a signed URL's signature) in the HTTP libraries' log lines
+        quiet_safety_checker_logs()
+        from flux.generate import FluxGenerator  # here, so that reading the schema (script/schema) loads no torch
+
+        logging.getLogger(__name__).info("Imports took %.2fs", time.perf_counter() - started)
+        self.generator = FluxGenerator.for_deployment(weights, go_fast_default=self.go_fast_default)
+        logging.getLogger(__name__).info("Setup took %.2fs", time.perf_counter() - started)
 
     def predict(
         self,
@@ -131,6 +129,8 @@ class Predictor(BasePredictor):
 
 class FastPredictor(Predictor):
     """The trained-LoRA page as deployed with go_fast on by default."""
+
+    go_fast_default = True
 
     def predict(
         self,

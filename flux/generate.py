@@ -17,19 +17,12 @@ from PIL import Image
 
 from flux.lora_state import LoraState
 from flux.output import save_images
-from flux.pipelines import (
-    MAX_SEQUENCE_LENGTH,
-    MODEL_LOADING,
-    PIPELINE_CALLS,
-    FluxPipelines,
-    dtype_name,
-    pick_device,
-    pick_dtype,
-)
+from flux.pipelines import MAX_SEQUENCE_LENGTH, FluxPipelines, dtype_name, pick_device, pick_dtype
 from flux.request import GenerationRequest
 from flux.variants import Variant, go_fast_fallback, resident_variants, variant_for
 from safety.checker import SafetyChecker
-from weights.locations import WeightPaths
+from weights.locations import WeightPaths, resolve_weight_paths
+from weights.store import WeightsFolder
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +41,17 @@ def phase(name: str):
 class FluxGenerator:
     """Holds the loaded models; `run` turns a validated request into image files."""
 
+    @classmethod
+    def for_deployment(cls, setup_weights: str | None, *, go_fast_default: bool) -> FluxGenerator:
+        """What cog's setup() builds: the weights this machine should run (downloaded or checked first), and
+        the main LoRA the deployment names (cog's setup weights, else FLUX_DEFAULT_LORA)."""
+        from flux.inputs import claim_upload_folder
+        from flux.lora_state import default_main_lora
+
+        claim_upload_folder()  # cog saves URL and data-URI inputs there; request file paths elsewhere are refused
+        paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
+        return cls(paths, default_lora=default_main_lora(setup_weights), go_fast_default=go_fast_default)
+
     def __init__(self, weights: WeightPaths, default_lora: str | None = None, *, go_fast_default: bool = False):
         """go_fast_default: the deployed schema's default, which decides the resident variants (flux/variants.py)."""
         if weights.tiny:
@@ -62,14 +66,14 @@ class FluxGenerator:
             from flux.fast.memory import fit_to_gpu
 
             resident = fit_to_gpu(resident, torch.cuda.get_device_properties(self.device).total_memory)
-        self.pipelines = FluxPipelines(weights.dev, weights.schnell, self.device, self.dtype, resident=resident)
-        with MODEL_LOADING:
+        store = WeightsFolder(weights.dev, weights.schnell)
+        self.pipelines = FluxPipelines(store, self.device, self.dtype, resident=resident)
+        with phase("Loading the safety checker"):
             self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)
         self.loras = LoraState(self.pipelines, default_lora)
         if default_lora:
             log.info("Loading the default main LoRA (used when replicate_weights is empty)")
             self.loras.preload_default()
-        self.pipelines.start_background_loads()
         self._last_out_dir: Path | None = None
         atexit.register(self._remove_last_output_dir)  # the last request's files go when the process does
         # cog calls predict() on a new thread each time; torch's CPU thread pool is per calling thread, so
@@ -145,7 +149,7 @@ class FluxGenerator:
             arguments.update(image=request.image, strength=strength)
         if request.mask is not None:
             arguments["mask_image"] = request.mask
-        with PIPELINE_CALLS, torch.inference_mode():  # a background warm-up shares scheduler and encoders
+        with torch.inference_mode():
             return pipe(**arguments).images
 
     def _on_step(self, pipe, step: int, timestep, tensors: dict) -> dict:

@@ -1,9 +1,10 @@
-"""Per-request LoRA state: fetch and convert the requested LoRAs, then fuse exactly those into the model.
+"""Per-request LoRA state: resolve the requested LoRAs, convert them, and fuse exactly those into the model.
 
 Every request states its whole LoRA set, and the fuser makes the weights equal to the originals plus exactly
 that set (nothing when it is empty), so nothing leaks between requests. The same set at the same scales as the
 last request costs nothing. Converted LoRAs stay in a small in-memory LRU, so alternating LoRAs does not re-read
-files. The main LoRA falls back to the deployment's default (see `default_main_lora`) when a request has none.
+files, and each variant's fuser keeps the originals it took, so a switch never takes them again. The main LoRA
+falls back to the deployment's default (see `default_main_lora`) when a request has none.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from collections.abc import Callable
 import torch
 
 import settings
-from flux.fast.lora_fp8 import Fp8LoraFuser
-from flux.fast.quantize import CheckpointWeights
+from flux.fast.lora_fp8 import fuser_for
 from flux.lora_scales import configured_fused_scales
 from flux.pipelines import FluxPipelines
 from flux.request import GenerationRequest, LoraSpec
 from flux.variants import Variant
-from lora.apply import LoraFuser
+from lora.apply import LoraFuser, OriginalsBudget
 from lora.fetch import fetch_lora
 from lora.formats import LoraWeights, load_lora
 
@@ -39,22 +39,25 @@ def default_main_lora(setup_weights: str | None) -> str | None:
 
 
 class LoraState:
-    def __init__(self, pipelines: FluxPipelines, default_main: str | None = None, memory_slots: int | None = None):
+    def __init__(
+        self, pipelines: FluxPipelines, default_main: str | None = None, *, memory_slots: int | None = None,
+        originals_budget: OriginalsBudget | None = None,
+    ):
+        """originals_budget: GPU bytes the fusers may keep originals in (the memory plan's); None: no limit."""
         self._pipelines = pipelines
         self.default_main = default_main
         self._memory_slots = memory_slots or int(settings.number("FLUX_LORA_MEMORY_SLOTS"))
+        self._originals_budget = originals_budget
         self._converted: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
         self._fusers: dict[Variant, LoraFuser] = {}
-        self._fused_models: dict[Variant, torch.nn.Module] = {}  # the transformer each fuser was made for
-        # On a GPU the originals are kept in host memory: a full-coverage FLUX LoRA touches ~24 GB of weights.
-        backup = settings.text("FLUX_LORA_BACKUP_DEVICE") or ("cpu" if pipelines.device.type == "cuda" else None)
-        self._backup_device = backup
+        pipelines.on_drop(self._forget)
         configured_fused_scales([1.0], fp8=True)  # a bad FLUX_LORA_SCALE_CURVE or multiplier fails setup, not a request
 
     def requested(self, request: GenerationRequest) -> list[LoraSpec]:
+        """The request's LoRAs, the deployment's main LoRA first when the request names none."""
         specs = list(request.loras)
         if self.default_main and not any(spec.input_name == MAIN_INPUT for spec in specs):
-            specs.insert(0, LoraSpec(self.default_main, request.main_lora_scale, MAIN_INPUT))
+            specs.insert(0, LoraSpec(self.default_main, request.main_lora_scale, MAIN_INPUT, chosen_by_operator=True))
         return specs
 
     def prepare(self, request: GenerationRequest, variant: Variant | None = None, cancelled: Callable[[], bool] | None = None) -> None:
@@ -62,20 +65,12 @@ class LoraState:
         every other variant none. Scales go through flux/lora_scales.py (go_fast multiplier, scale curve)."""
         variant = variant or Variant(request.model)
         specs = self.requested(request)
-        if variant not in self._pipelines.resident and not self._pipelines.is_loaded(variant):
-            # building it drops the other non-resident variant: let go of that one's fuser (and its references to
-            # the old transformer) first, so the memory is really freed before the new one is built
-            for other in [v for v in self._fusers if v not in self._pipelines.resident]:
-                self._fusers.pop(other).reset()
-                del self._fused_models[other]
         transformer = self._pipelines.transformer(variant)  # builds a variant that is not resident
-        loaded = [self._load(spec, variant.model, transformer, cancelled) for spec in specs]  # all errors before any write
+        loaded = [self._convert(spec, variant.model, transformer, cancelled) for spec in specs]  # all errors first
         scales = configured_fused_scales([spec.scale for spec in specs], fp8=variant.fp8)
-        for other, fuser in list(self._fusers.items()):
+        for other, fuser in self._fusers.items():
             if other != variant:
                 fuser.reset()  # the text encoder is shared by every variant
-            if not self._pipelines.is_loaded(other) or self._pipelines.transformer(other) is not self._fused_models[other]:
-                del self._fusers[other], self._fused_models[other]  # its transformer was dropped
         changed = self._fuser(variant, transformer).apply(list(zip(loaded, scales, strict=True)))
         for spec, weights, scale in zip(specs, loaded, scales, strict=True):
             state = "not applied" if scale == 0 else "fused" if changed else "already in place"
@@ -86,12 +81,11 @@ class LoraState:
         """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it."""
         if self.default_main:
             variant = next(iter(self._pipelines.resident), Variant("dev"))
-            self._load(LoraSpec(self.default_main, 1.0, MAIN_INPUT), variant.model, self._pipelines.transformer(variant))
+            spec = LoraSpec(self.default_main, 1.0, MAIN_INPUT, chosen_by_operator=True)
+            self._convert(spec, variant.model, self._pipelines.transformer(variant))
 
-    def _load(self, spec: LoraSpec, model: str, transformer: torch.nn.Module, cancelled: Callable[[], bool] | None = None) -> LoraWeights:
-        # the deployment's default LoRA is the operator's choice, so it may be any local file (e.g. baked in)
-        operator_given = spec.source == self.default_main
-        path = fetch_lora(spec.source, input_name=spec.input_name, allow_any_local_path=operator_given, cancelled=cancelled)
+    def _convert(self, spec: LoraSpec, model: str, transformer: torch.nn.Module, cancelled: Callable[[], bool] | None = None) -> LoraWeights:
+        path = fetch_lora(spec.source, input_name=spec.input_name, allow_any_local_path=spec.chosen_by_operator, cancelled=cancelled)
         stat = path.stat()
         identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
         key = (identity, model)  # a conversion fits every precision of the model: the module shapes are the same
@@ -99,10 +93,7 @@ class LoraState:
             self._converted.move_to_end(key)
             return self._converted[key]
         weights = load_lora(
-            path,
-            input_name=spec.input_name,
-            transformer=transformer,
-            text_encoder=self._pipelines.text_encoder,
+            path, input_name=spec.input_name, transformer=transformer, text_encoder=self._pipelines.text_encoder,
             identity=identity,
         )
         self._converted[key] = weights
@@ -112,16 +103,14 @@ class LoraState:
 
     def _fuser(self, variant: Variant, transformer: torch.nn.Module) -> LoraFuser:
         if variant not in self._fusers:
-            components = {"transformer": transformer, "text_encoder": self._pipelines.text_encoder}
-            if variant.fp8:
-                checkpoint = CheckpointWeights(self._pipelines.checkpoint_dir(variant.model) / "transformer", self._pipelines.dtype)
-                self._fusers[variant] = Fp8LoraFuser(
-                    components,
-                    read_source=lambda path: checkpoint.read(path.removeprefix("transformer.") + ".weight"),
-                    config=self._pipelines.fp8_config,
-                    backup_device=self._backup_device,
-                )
-            else:
-                self._fusers[variant] = LoraFuser(components, backup_device=self._backup_device)
-            self._fused_models[variant] = transformer
+            self._fusers[variant] = fuser_for(
+                transformer, self._pipelines.text_encoder, source=self._pipelines.originals(variant.model),
+                dtype=self._pipelines.dtype, config=self._pipelines.fp8_config, originals_budget=self._originals_budget,
+            )
         return self._fusers[variant]
+
+    def _forget(self, variant: Variant) -> None:
+        """The pipelines drop this variant: take its LoRAs off the shared text encoder and free its originals."""
+        fuser = self._fusers.pop(variant, None)
+        if fuser is not None:
+            fuser.release()

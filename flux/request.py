@@ -36,11 +36,14 @@ LEGACY_LIMITS: dict[str, tuple[float, float]] = {**LIMITS, "lora_scale": (-1, 2)
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """One LoRA to apply: where it comes from, how strongly, and which input named it (for errors)."""
+    """One LoRA to apply: where it comes from, how strongly, which input named it (for errors), and who chose it:
+    a request's LoRA may come only from where requests may read; the deployment's own (cog's setup weights or
+    FLUX_DEFAULT_LORA) is the operator's choice and may be any local file."""
 
     source: str
     scale: float
     input_name: str
+    chosen_by_operator: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,15 @@ its merge computed against the original W as if it were alone: so two DoRA LoRAs
 plain LoRAs, add up independently of their order, and each one at scale 1 alone gives exactly its own merge.
 A term with scale 0 is left out, so scale 0 everywhere restores the originals bit-exactly.
 
-Extension point for fp8 (torchao-quantized weights, not implemented here): override `snapshot`, `restore`,
-`original_as_float32` and `write_fused`, which are the only places that read or write a weight.
+Originals are taken once per module and kept for the fuser's life, through requests without LoRAs and LoRAs that
+touch other modules, so a switch never takes them again (on fp8 that would mean re-reading the checkpoint). Where
+they live is the memory plan's choice (`originals_budget`): beside the weight up to that many bytes (a GPU switch
+is then bound by GPU memory bandwidth), the rest in pinned host memory in the model dtype, copied to the GPU
+without blocking and cast there (bound by PCIe, 2 bytes per weight). A plain LoRA term is fused by one
+`addmm_` into the working copy, so B@A is never materialised beside it.
+
+Extension point for fp8 (flux/fast/lora_fp8.py): override `snapshot`, `restore`, `original_as_float32` and
+`write_fused`, which are the only places that read or write a weight.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lora.deltas import WeightDelta, dora_change
+from lora.deltas import LoraDelta, WeightDelta, dora_change
 from lora.formats import LoraWeights
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,22 @@ class _Term:
     lora: LoraWeights  # the whole LoRA, for the parts of a fused layer (norm_group)
 
 
+class OriginalsBudget:
+    """GPU bytes that kept originals may still take (the memory plan's share for them), shared by the fusers."""
+
+    def __init__(self, nbytes: int):
+        self.left = nbytes
+
+    def take(self, nbytes: int) -> bool:
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.left += nbytes
+
+
 class LoraFuser:
     """Fuses LoRAs into named model components, e.g. {"transformer": ..., "text_encoder": ...}.
 
@@ -57,11 +80,13 @@ class LoraFuser:
     are restored before the exception propagates, so the next request starts clean.
     """
 
-    def __init__(self, components: Mapping[str, nn.Module], *, backup_device: torch.device | str | None = None):
-        """backup_device: where original weights are kept (None = next to the weight; "cpu" saves GPU memory)."""
+    def __init__(self, components: Mapping[str, nn.Module], *, originals_budget: OriginalsBudget | None = None):
+        """originals_budget: GPU bytes the originals may take, shared by every fuser on that GPU (None: no limit);
+        the rest go to pinned host memory. Weights on the CPU keep their originals beside them."""
         self._components = dict(components)
-        self._backup_device = backup_device
-        self._backups: dict[str, Backup] = {}  # module path -> originals of every module we have changed
+        self._budget = originals_budget
+        self._backups: dict[str, Backup] = {}  # module path -> originals of every module ever changed (kept)
+        self._changed: set[str] = set()  # the modules that now differ from their originals
         self._active: tuple[tuple[str, float], ...] = ()  # (identity, scale) of the fused LoRAs
         self._column_norms: dict[tuple[int, tuple[str, ...]], Tensor] = {}  # during apply: fused layers' DoRA norms
 
@@ -72,7 +97,17 @@ class LoraFuser:
 
     @property
     def changed_modules(self) -> frozenset[str]:
-        return frozenset(self._backups)
+        return frozenset(self._changed)
+
+    @property
+    def kept_originals(self) -> dict[str, int]:
+        """Bytes of kept originals by where they are ("cuda", "cpu"), for the memory plan's log."""
+        kept: dict[str, int] = {}
+        for backup in self._backups.values():
+            for tensor in vars(backup).values():
+                if isinstance(tensor, Tensor):
+                    kept[tensor.device.type] = kept.get(tensor.device.type, 0) + tensor.nbytes
+        return kept
 
     def apply(self, loras: Sequence[tuple[LoraWeights | None, float]]) -> bool:
         """Fuse exactly these LoRAs at these scales (None entries and scale 0 are skipped).
@@ -88,14 +123,13 @@ class LoraFuser:
         try:
             plan = self._plan(loras)
             self._active = ()  # weights are in between states until the loop ends
-            for path in [path for path in self._backups if path not in plan]:
-                self.restore(self._module(path), self._backups[path])
-                del self._backups[path]  # only once restored, so a failure can still restore it
+            self._restore_all(keep=plan)
             # Every original is saved before any is changed: a DoRA norm may need a neighbour's original.
             for path in plan:
                 if path not in self._backups:
                     self._backups[path] = self.snapshot(self._module(path))
             for path, terms in plan.items():
+                self._changed.add(path)  # before the write, so a failure halfway restores it
                 self._fuse(self._module(path), self._backups[path], terms)
         except BaseException:
             self.reset()
@@ -108,20 +142,44 @@ class LoraFuser:
         return True
 
     def reset(self) -> None:
-        """Restore every changed module to its original weights, bit-exactly."""
+        """Restore every changed module to its original weights, bit-exactly (the originals stay kept)."""
         self._active = ()
-        while self._backups:
-            path, backup = next(iter(self._backups.items()))
-            self.restore(self._module(path), backup)
-            del self._backups[path]
+        self._restore_all()
+
+    def release(self) -> None:
+        """reset(), then let go of the kept originals (when the model itself is about to be dropped)."""
+        self.reset()
+        if self._budget is not None:
+            self._budget.give(self.kept_originals.get("cuda", 0))
+        self._backups.clear()
+
+    def _restore_all(self, keep: Mapping[str, object] = {}) -> None:  # noqa: B006  (read only)
+        for path in [path for path in self._changed if path not in keep]:
+            self.restore(self._module(path), self._backups[path])
+            self._changed.discard(path)  # only once restored, so a failure can still restore it
+
+    def keep(self, tensor: Tensor, device: torch.device) -> Tensor:
+        """An exact copy of `tensor` where the originals of weights on `device` live: on that device while the
+        budget lasts (always, for the CPU), else in pinned host memory, which the GPU reads without staging."""
+        tensor = tensor.detach()
+        if device.type == "cpu" or self._budget is None or self._budget.take(tensor.nbytes):
+            return tensor.to(device, copy=True)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        return host.copy_(tensor)
+
+    @staticmethod
+    def float32_on(tensor: Tensor, device: torch.device) -> Tensor:
+        """A fresh float32 copy on `device`, cast there: 2 bytes per bf16 weight cross the host link, not 4
+        (a blocking .to(device, float32) would cast on the host first), and the copy does not block."""
+        moved = tensor.to(device, non_blocking=True)
+        return moved.to(torch.float32, copy=moved is tensor)
 
     # --- the only places that read or write weights (override for quantized weights) -------------------
 
     def snapshot(self, module: nn.Linear) -> Backup:
         """An exact copy of the module's original parameters."""
-        device = self._backup_device
-        copy = lambda tensor: tensor.detach().to(device, copy=True)  # noqa: E731
-        return Backup(copy(module.weight), None if module.bias is None else copy(module.bias))
+        device = module.weight.device
+        return Backup(self.keep(module.weight, device), None if module.bias is None else self.keep(module.bias, device))
 
     def restore(self, module: nn.Linear, backup: Backup) -> None:
         with torch.no_grad():
@@ -132,14 +190,26 @@ class LoraFuser:
     def original_as_float32(self, module: nn.Linear, backup: Backup) -> tuple[Tensor, Tensor | None]:
         """Fresh float32 copies of the originals, on the module's device (callers add to them in place)."""
         device = module.weight.device
-        weight = backup.weight.to(device, torch.float32, copy=True)
-        bias = None if backup.bias is None else backup.bias.to(device, torch.float32, copy=True)
+        weight = self.float32_on(backup.weight, device)
+        bias = None if backup.bias is None else self.float32_on(backup.bias, device)
+        return weight, bias
+
+    def working_copy(self, module: nn.Linear, backup: Backup) -> tuple[Tensor, Tensor | None]:
+        """Where `_fuse` accumulates: the module's own weight, reset to the original, when it is float32 beside
+        its backup (a CPU model: one copy instead of two), else `original_as_float32`."""
+        weight = module.weight
+        if type(weight) is not nn.Parameter or weight.dtype != torch.float32 or backup.weight.device != weight.device:
+            return self.original_as_float32(module, backup)
+        with torch.no_grad():
+            weight.copy_(backup.weight)
+        bias = None if backup.bias is None else self.float32_on(backup.bias, weight.device)
         return weight, bias
 
     def write_fused(self, module: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
         """Store float32 fused values into the module in its own dtype (round to nearest even)."""
         with torch.no_grad():
-            module.weight.copy_(weight)
+            if weight is not module.weight:
+                module.weight.copy_(weight)
             if bias is not None:
                 module.bias.copy_(bias)
 
@@ -168,23 +238,28 @@ class LoraFuser:
                 plan.setdefault(path, []).append(_Term(delta, scale, weights))
         return plan
 
+    @torch.no_grad()
     def _fuse(self, module: nn.Linear, backup: Backup, terms: list[_Term]) -> None:
-        weight, bias = self.original_as_float32(module, backup)
+        weight, bias = self.working_copy(module, backup)
         device = weight.device
         # DoRA merges against the original: keep a copy only when some term needs it.
         original = weight.clone() if any(term.delta.magnitude is not None for term in terms) else None
         for term in terms:
-            change = term.delta.weight_delta(device)
-            if term.delta.magnitude is None:
-                weight.add_(change.mul_(term.scale * term.delta.factor))
+            if term.delta.magnitude is None and isinstance(term.delta, LoraDelta):
+                # W += s·f·B@A as one GEMM into W: B@A never exists as a separate (out, in) tensor
+                up, down = (factor.to(device, torch.float32) for factor in (term.delta.up, term.delta.down))
+                weight.addmm_(up, down, alpha=term.scale * term.delta.factor)
+            elif term.delta.magnitude is None:
+                weight.add_(term.delta.weight_delta(device).mul_(term.scale * term.delta.factor))
             else:
+                change = term.delta.weight_delta(device)
                 norm = self._column_norm(term, device) if term.delta.norm_group else None
                 change = dora_change(original, change.mul_(term.delta.factor), term.delta.magnitude, norm)
                 weight.add_(change.mul_(term.scale))
             bias_delta = term.delta.bias_delta(device)
             if bias_delta is not None:
                 bias.add_(bias_delta.mul_(term.scale * term.delta.factor))
-        self.write_fused(module, weight, bias if any(t.delta.has_bias for t in terms) else None)
+        self.write_fused(module, weight, bias)  # the bias too: an earlier LoRA may have changed it
 
     def _column_norm(self, term: _Term, device: torch.device) -> Tensor:
         """‖W + D‖ per input column over all parts of a fused layer (computed once per LoRA and layer)."""

@@ -122,7 +122,6 @@ def main(args) -> int:
     predictor = Predictor()
     predictor.setup()
     generator = predictor.generator
-    generator.pipelines.wait_for_background_loads()
     logging.disable(logging.INFO)  # step logs would drown the table
 
     if cuda:

@@ -31,13 +31,14 @@ from torchao.quantization import Float8WeightOnlyConfig, PerTensor  # noqa: E402
 
 from flux.fast.lora_fp8 import Fp8LoraFuser  # noqa: E402
 from flux.fast.quality import lora_strength, psnr  # noqa: E402
-from flux.fast.quantize import CheckpointWeights, load_fp8_transformer  # noqa: E402
+from flux.fast.quantize import load_fp8_transformer  # noqa: E402
 from flux.pipelines import FluxPipelines, dtype_name, pick_dtype  # noqa: E402
 from flux.variants import Variant  # noqa: E402
 from lora.apply import LoraFuser  # noqa: E402
 from lora.formats import LoraWeights, load_lora  # noqa: E402
 from tests.fixtures.lora_factory import make_spec, write_layout  # noqa: E402
 from weights.locations import tiny_weight_paths  # noqa: E402
+from weights.store import WeightsFolder  # noqa: E402
 
 PROMPT = "a photo of TOK riding a bicycle"
 TARGET_RATIO = 0.03  # ||scale·(alpha/rank)·B·A|| / ||W|| per module: a few percent, as in real FLUX LoRAs
@@ -58,7 +59,7 @@ def tiny_pipelines() -> FluxPipelines:
     paths = tiny_weight_paths()
     device = torch.device("cpu")
     both = (Variant("dev"), Variant("dev", "fp8"))  # compared side by side, so both stay in memory
-    return FluxPipelines(paths.dev, paths.schnell, device, pick_dtype(device), resident=both)
+    return FluxPipelines(WeightsFolder(paths.dev, paths.schnell), device, pick_dtype(device), resident=both)
 
 
 def typical_lora(transformer: torch.nn.Module, folder: Path, seed: int = 0, ratio: float = TARGET_RATIO) -> LoraWeights:
@@ -96,18 +97,18 @@ def fp8_fusers(pipelines: FluxPipelines, transformer=None, config=None) -> tuple
     """(ours, dequantise-add-requantise) fusers on an fp8 dev transformer (default: the dev-fp8 variant)."""
     transformer = transformer or pipelines.transformer("dev-fp8")
     config = config or pipelines.fp8_config
-    checkpoint = CheckpointWeights(pipelines.checkpoint_dir("dev") / "transformer", pipelines.dtype)
+    checkpoint, dtype = pipelines.originals("dev"), pipelines.dtype
     ours = Fp8LoraFuser({"transformer": transformer}, config=config,
-                        read_source=lambda path: checkpoint.read(path.removeprefix("transformer.") + ".weight"))
+                        read_source=lambda path, device: checkpoint.read(path.removeprefix("transformer.") + ".weight", device, dtype))
     naive = Fp8LoraFuser({"transformer": transformer}, config=config,
-                         read_source=lambda path: transformer.get_submodule(path.removeprefix("transformer.")).weight.dequantize())
+                         read_source=lambda path, _: transformer.get_submodule(path.removeprefix("transformer.")).weight.dequantize())
     return ours, naive
 
 
 def per_tensor_strengths(pipelines: FluxPipelines, lora: LoraWeights, *, size: int = 256, steps: int = 2) -> tuple[float, float]:
     """(ours, dequantise-add-requantise) strengths with ONE scale per weight tensor, as the hosted model's fp8."""
     config = Float8WeightOnlyConfig(granularity=PerTensor())
-    transformer = load_fp8_transformer(pipelines.checkpoint_dir("dev"), pipelines.device, pipelines.dtype, config)
+    transformer = load_fp8_transformer(pipelines.store.folder("dev"), pipelines.device, pipelines.dtype, config)
     pipe = FluxPipeline(**{**pipelines.get("dev-fp8", "txt2img").components, "transformer": transformer})
     pipe.set_progress_bar_config(disable=True)
     base_fuser = LoraFuser({"transformer": pipelines.transformer("dev-bf16")})
@@ -162,7 +163,7 @@ def main() -> None:
     torch.manual_seed(0)
     pipelines = tiny_pipelines()
     dtype = dtype_name(pipelines.dtype)
-    folder, device = pipelines.checkpoint_dir("dev"), pipelines.device
+    folder, device = pipelines.store.folder("dev"), pipelines.device
     build = median_seconds(lambda: load_fp8_transformer(folder, device, pipelines.dtype, pipelines.fp8_config), 3)
     print(f"Tiny FLUX on {pipelines.device.type}, base dtype {dtype}, fp8 config {type(pipelines.fp8_config).__name__}")
     print(f"fp8 transformer build from the checkpoint: {build * 1000:.0f} ms (median of 3)")

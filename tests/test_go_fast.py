@@ -110,4 +110,4 @@ def test_the_deployed_schema_decides_the_resident_variants(tiny_weights):
         instance = cls()
         instance.setup()
         assert instance.generator.pipelines.resident == resident, cls.__name__
-        instance.generator.pipelines.wait_for_background_loads()
+        assert all(instance.generator.pipelines.is_loaded(variant) for variant in resident)  # built before READY

@@ -13,12 +13,13 @@ from torch import nn
 from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow, quantize_
 
 from flux.fast.lora_fp8 import Fp8LoraFuser
-from flux.fast.quantize import CheckpointWeights, fp8_config, is_fp8, is_quantised_linear, load_fp8_transformer
+from flux.fast.quantize import fp8_config, is_fp8, is_quantised_linear, load_fp8_transformer
 from flux.lora_scales import fused_scales
 from flux.variants import Variant, go_fast_fallback, resident_variants, variant_for
 from lora.apply import LoraFuser
 from lora.formats import load_lora
 from tests.fixtures.lora_factory import make_spec, tiny_clip, write_layout
+from weights.store import SafetensorsFolder, WeightsFolder
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 
@@ -138,10 +139,10 @@ def loras(dev_dir, tmp_path_factory):
 
 def fp8_fuser(model: nn.Module, dev_dir, clip: nn.Module | None = None, config: str = "weight-only") -> Fp8LoraFuser:
     dtype, torchao_config = CONFIGS[config]
-    checkpoint = CheckpointWeights(dev_dir / "transformer", dtype)
+    checkpoint = SafetensorsFolder(dev_dir / "transformer")
     components = {"transformer": model} | ({"text_encoder": clip} if clip is not None else {})
     return Fp8LoraFuser(components, config=torchao_config,
-                        read_source=lambda path: checkpoint.read(path.removeprefix("transformer.") + ".weight"))
+                        read_source=lambda path, device: checkpoint.read(path.removeprefix("transformer.") + ".weight", device, dtype))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -204,7 +205,7 @@ def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weigh
     from flux.pipelines import FluxPipelines
     from flux.request import build_request
 
-    pipelines = FluxPipelines(tiny_weights.dev, tiny_weights.schnell, CPU, FP32, resident=(Variant("dev"),))
+    pipelines = FluxPipelines(WeightsFolder(tiny_weights.dev, tiny_weights.schnell), CPU, FP32, resident=(Variant("dev"),))
     transformer = pipelines.transformer("dev")
     lora = write_layout("diffusers", make_spec(transformer, pipelines.text_encoder, seed=9, magnitude=0.3), transformer,
                         tmp_path / "lora.safetensors")
@@ -218,14 +219,14 @@ def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weigh
     assert pipelines.is_loaded("dev-fp8") and not pipelines.is_loaded("schnell-fp8")
     assert any(not torch.equal(t, clip_before[n]) for n, t in pipelines.text_encoder.state_dict().items())
 
-    load, alive_while_building = pipelines._load, []
+    build, alive_while_building = pipelines._build, []
 
-    def observed_load(variant, background=False):  # the real load, noting whether the old one is still in memory
+    def observed_build(variant):  # the real build, noting whether the old one is still in memory
         gc.collect()
         alive_while_building.append(dev_fp8() is not None)
-        return load(variant, background)
+        return build(variant)
 
-    monkeypatch.setattr(pipelines, "_load", observed_load)
+    monkeypatch.setattr(pipelines, "_build", observed_build)
     state.prepare(build_request(prompt="x", go_fast=True, model="schnell"), Variant("schnell", "fp8"))
     assert alive_while_building == [False]  # never two non-resident transformers in memory at once
     assert pipelines.is_loaded("schnell-fp8") and not pipelines.is_loaded("dev-fp8")

@@ -12,6 +12,8 @@ Every prediction log used to start with lines no user can act on. Their causes, 
   `torchao` Tensor objects"; it only matters for loading torchao-serialised checkpoints, which we never do).
   So torchao is imported here once, and exactly those known records are dropped during that import, only when
   their condition holds (no CUDA for the kernel lines). Every other warning, and all of them after, still shows.
+- Loading bars and diffusers' advice to developers are noise in a prediction's log: both libraries' progress bars
+  are off and diffusers says only errors (our own log has one line per phase instead).
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ def prepare_libraries() -> None:
     _done = True
     _import_torchao()  # first: looking up transformers' image processors imports torchao too
     _choose_pil_image_processors()
+    _quiet_loading_logs()
+
+
+def _quiet_loading_logs() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def _choose_pil_image_processors() -> None:

@@ -10,9 +10,9 @@ What is quantised (`is_quantised_linear`): every Linear inside the 19 double and
 The embedders, the final norm and the output projection stay in the model dtype: they are 0.4% of the
 weights and the first and last layers are where fp8 rounding shows most.
 
-Setup never holds two full bf16 copies of a transformer: `load_fp8_transformer` builds the model on the meta
-device and fills it tensor by tensor from the safetensors files, quantising each Linear weight as it arrives,
-so at most one bf16 tensor exists beside the growing fp8 model.
+Setup never holds two full bf16 copies of a transformer: `build_fp8_transformer` builds the model on the meta
+device and fills it tensor by tensor from its `TensorSource` (weights/store.py), quantising each Linear weight as
+it arrives, so at most one bf16 tensor exists beside the growing fp8 model.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
-from safetensors import safe_open
 from torch import Tensor, nn
 from torchao.quantization import (
     Float8DynamicActivationFloat8WeightConfig,
@@ -34,18 +33,25 @@ from torchao.quantization import (
     quantize_,
 )
 
+from weights.store import TensorSource, WeightsFolder, flux_transformer
+
 log = logging.getLogger(__name__)
 
 QUANTISED_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
 
 
 def fp8_config(device: torch.device, dtype: torch.dtype):
-    """The torchao config for this device: dynamic fp8 activations + fp8 weights on CUDA >= 8.9, else fp8 weights only."""
+    """The torchao config for this device: dynamic fp8 activations + fp8 weights on CUDA >= 8.9, else fp8 weights only.
+
+    set_inductor_config=False: by default every quantize_ call (here at build and after each LoRA fuse) would set
+    process-wide Inductor options (coordinate-descent tuning of every Triton kernel, int8-only fusions, the FX
+    cache that is on anyway, kernel names). Tuning lengthens each compile and touches only the fused pointwise
+    kernels, not the fp8 matmuls; flux/fast/compile.py decides what its own compile uses, for its graphs only."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
         # torchao's per-row fp8 matmul needs bf16 weights; an fp32 model (FLUX_DTYPE=fp32) gets one scale per tensor
         granularity = PerRow() if dtype == torch.bfloat16 else PerTensor()
-        return Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
-    return Float8WeightOnlyConfig(granularity=PerRow())
+        return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
+    return Float8WeightOnlyConfig(granularity=PerRow(), set_inductor_config=False)
 
 
 def is_quantised_linear(name: str, module: nn.Module) -> bool:
@@ -67,53 +73,27 @@ def quantise_weight(weight: Tensor, config) -> Tensor:
     return holder.weight.data if is_fp8(holder.weight) else weight
 
 
-class CheckpointWeights:
-    """Read access to the tensors of one diffusers model folder (one or more .safetensors shards), by name."""
-
-    def __init__(self, folder: Path, dtype: torch.dtype):
-        self.folder, self.dtype = Path(folder), dtype
-        self._file_of: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}  # one open (memory-mapped) handle per shard, not one per tensor
-        for file in sorted(self.folder.glob("*.safetensors")):
-            self._handles[file] = safe_open(file, framework="pt")
-            self._file_of.update(dict.fromkeys(self._handles[file].keys(), file))
-        if not self._file_of:
-            raise FileNotFoundError(f"no .safetensors files in {self.folder}")
-
-    def names(self) -> list[str]:
-        """Every tensor name, grouped by shard."""
-        return list(self._file_of)
-
-    def read(self, name: str, device: torch.device | str = "cpu") -> Tensor:
-        """The tensor as the model holds it: floating tensors in the model dtype (as from_pretrained casts them)."""
-        tensor = self._handles[self._file_of[name]].get_tensor(name)
-        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device, dtype)
-
-
-def load_fp8_transformer(folder: Path, device: torch.device, dtype: torch.dtype, config=None) -> FluxTransformer2DModel:
-    """The FLUX transformer in `folder` (its transformer/ subfolder), with the blocks' Linear weights in fp8.
-
-    Built on the meta device and filled tensor by tensor, so no full bf16 copy is ever made."""
+def build_fp8_transformer(
+    config: dict, source: TensorSource, device: torch.device, dtype: torch.dtype, fp8=None,
+) -> FluxTransformer2DModel:
+    """The FLUX transformer of `config`, its blocks' Linear weights in fp8, filled from `source` (the bf16
+    checkpoint, or synthetic weights) tensor by tensor: no full bf16 copy is ever made."""
     started = time.perf_counter()
-    config = config or fp8_config(device, dtype)
-    checkpoint = CheckpointWeights(Path(folder) / "transformer", dtype)
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(checkpoint.folder))
-    modules = dict(model.named_modules())
-    expected = {name for name, _ in model.named_parameters()}
-    missing = expected - set(checkpoint.names())
-    if missing:
-        raise ValueError(f"{checkpoint.folder} lacks {len(missing)} transformer weights, e.g. {sorted(missing)[0]}")
-    for name in [name for name in checkpoint.names() if name in expected]:  # shard by shard, not in set order
+    fp8 = fp8 or fp8_config(device, dtype)
+
+    def quantise_block_linears(name: str, module: nn.Module, tensor: Tensor) -> Tensor:
         module_name, _, attribute = name.rpartition(".")
-        module = modules[module_name]
-        tensor = checkpoint.read(name, device)
-        if attribute == "weight" and is_quantised_linear(module_name, module):
-            tensor = quantise_weight(tensor, config)
-        setattr(module, attribute, nn.Parameter(tensor, requires_grad=False))
-    model.eval()
+        quantised = attribute == "weight" and is_quantised_linear(module_name, module)
+        return quantise_weight(tensor, fp8) if quantised else tensor
+
+    model = flux_transformer(config, source, device, dtype, transform=quantise_block_linears)
     count = sum(is_fp8(module.weight) for module in model.modules() if isinstance(module, nn.Linear))
     log.info("Built the fp8 transformer (%s, %d Linear layers in fp8) in %.2fs",
-             type(config).__name__, count, time.perf_counter() - started)
+             type(fp8).__name__, count, time.perf_counter() - started)
     return model
+
+
+def load_fp8_transformer(folder: Path, device: torch.device, dtype: torch.dtype, fp8=None) -> FluxTransformer2DModel:
+    """build_fp8_transformer from a diffusers model folder (its transformer/ subfolder)."""
+    store = WeightsFolder(folder, folder)
+    return build_fp8_transformer(store.transformer_config("dev"), store.transformer_tensors("dev"), device, dtype, fp8)
