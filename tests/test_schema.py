@@ -183,3 +183,15 @@ def test_one_pinned_list_and_cog_uses_it():
     lines = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
     assert all("==" in line for line in lines), "every dependency is pinned"
     assert "torch==2.11.0" in lines
+
+
+@pytest.mark.parametrize("name", ["Predictor", "FastPredictor", "LegacyPredictor"])
+def test_each_class_states_its_go_fast_default_as_its_signature_does(name):
+    """setup() reads the plain class attribute; cog reads the signature. They must agree (Legacy has no go_fast:
+    off, like its page)."""
+    import predict
+
+    cls = getattr(predict, name)
+    parameter = inspect.signature(cls.predict).parameters.get("go_fast")
+    signature_default = parameter.default.default if parameter is not None else False
+    assert cls.go_fast_default is signature_default
