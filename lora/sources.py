@@ -113,8 +113,7 @@ class UrlSource:
 
 @dataclass(frozen=True)
 class DataUriSource:
-    data: bytes
-    media_type: str
+    data: bytes  # the media type is not kept: the content decides the format (lora.fetch)
 
     @property
     def cache_key(self) -> str:
@@ -298,7 +297,6 @@ def _parse_data_uri(value: str, input_name: str) -> DataUriSource:
     if not comma:
         raise UserError(f"{input_name}: malformed data: URI (no comma)")
     params = [part.strip() for part in header.split(";")]
-    media_type = params[0] or "application/octet-stream"
     try:
         if "base64" in (param.lower() for param in params[1:]):
             data = base64.b64decode("".join(payload.split()), validate=True)
@@ -308,7 +306,7 @@ def _parse_data_uri(value: str, input_name: str) -> DataUriSource:
         raise UserError(f"{input_name}: the data: URI is not valid base64") from None
     if not data:
         raise UserError(f"{input_name}: the data: URI is empty")
-    return DataUriSource(data, media_type)
+    return DataUriSource(data)
 
 
 def _local(path: str, input_name: str) -> LocalPathSource:

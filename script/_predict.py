@@ -95,8 +95,8 @@ def main() -> int:
     parser.add_argument("-o", "--output-dir", default=".", help="where output.{i}.{ext} are written (default: .)")
     args = parser.parse_args()
 
-    from _schema import openapi_document
-    from cog_inputs import load_predictor, predict_with_defaults, predictor_ref
+    from script._schema import openapi_document
+    from script.cog_inputs import load_predictor, predict_with_defaults, predictor_ref
 
     ref = predictor_ref()  # the class cog.yaml deploys, as `cog predict` would
     predictor_class = load_predictor(ref)  # predict.py needs no torch to import

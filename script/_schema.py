@@ -14,8 +14,8 @@ import types
 import typing
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cog_inputs import ROOT, load_predictor, predictor_ref  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from script.cog_inputs import ROOT, load_predictor, predictor_ref  # noqa: E402
 
 SCHEMA_FILE = ROOT / ".cog" / "openapi_schema.json"
 

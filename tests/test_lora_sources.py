@@ -169,8 +169,8 @@ def test_ipv6_hosts_keep_their_brackets_when_shown() -> None:
 def test_data_uris() -> None:
     payload = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "
     source = parse("data:application/octet-stream;base64," + base64.b64encode(payload).decode())
-    assert source == DataUriSource(payload, "application/octet-stream")
-    assert parse("data:,hello%20world") == DataUriSource(b"hello world", "application/octet-stream")
+    assert source == DataUriSource(payload)
+    assert parse("data:,hello%20world") == DataUriSource(b"hello world")
     assert source.cache_key.startswith("data:sha256:")
     assert "base64" not in source.display
 
