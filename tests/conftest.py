@@ -1,8 +1,10 @@
-"""Shared fixtures: the tiny weights (built once per machine into .cache) and a real coglet server."""
+"""Shared fixtures: the tiny weights (built once per machine into .cache) and a real coglet server. The session's
+settings are set in pytest_configure, before any test module is collected, and undone at the end of the session."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,12 +13,31 @@ import pytest
 from tests.fixtures.cog_server import start_cog_server, stop_cog_server
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("FLUX_TINY_WEIGHTS_DIR", str(ROOT / ".cache" / "tiny-weights"))
-os.environ["FLUX_WEIGHTS"] = "tiny"  # never real weights in tests, even on a GPU box
-# downloaded LoRAs go to a throw-away cache; the local protocol servers live on loopback
-os.environ["FLUX_LORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="flux-lora-cache-")
-# in-process tests pass their tmp_path images by path (a served request may not; see flux/inputs.py)
-os.environ.setdefault("FLUX_INPUT_LOCAL_DIRS", tempfile.gettempdir())
+_SESSION_ENVIRONMENT = pytest.StashKey[pytest.MonkeyPatch]()
+_LORA_CACHE = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The whole session's environment, inherited by every process a test starts (coglet servers included)."""
+    environment = pytest.MonkeyPatch()
+    lora_cache = Path(tempfile.mkdtemp(prefix="flux-lora-cache-"))
+    environment.setenv("FLUX_WEIGHTS", "tiny")  # never real weights in tests, even on a GPU box
+    # downloaded LoRAs go to a throw-away cache; the local protocol servers live on loopback
+    environment.setenv("FLUX_LORA_CACHE_DIR", str(lora_cache))
+    defaults = {
+        "FLUX_TINY_WEIGHTS_DIR": str(ROOT / ".cache" / "tiny-weights"),
+        # in-process tests pass their tmp_path images by path (a served request may not; see flux/inputs.py)
+        "FLUX_INPUT_LOCAL_DIRS": tempfile.gettempdir(),
+    }
+    for name, value in defaults.items():
+        if name not in os.environ:
+            environment.setenv(name, value)
+    config.stash[_SESSION_ENVIRONMENT], config.stash[_LORA_CACHE] = environment, lora_cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    config.stash[_SESSION_ENVIRONMENT].undo()
+    shutil.rmtree(config.stash[_LORA_CACHE], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

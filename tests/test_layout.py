@@ -4,7 +4,10 @@ one place, every setting documented, no module over 400 lines and no function ov
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +110,15 @@ def test_every_setting_is_in_the_readme_table() -> None:
     table = readme[readme.index("## Configuration") :]
     missing = [name for name in settings.SETTINGS if f"`{name}`" not in table]
     assert missing == []
+
+
+def test_the_test_session_sets_its_environment_at_configure_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    assert os.environ["FLUX_WEIGHTS"] == "tiny" and Path(os.environ["FLUX_LORA_CACHE_DIR"]).is_dir()
+    importing = "import os; before = dict(os.environ); import tests.conftest; assert dict(os.environ) == before"
+    subprocess.run([sys.executable, "-c", importing], cwd=ROOT, check=True)
+    session_tmp = tmp_path / "tmp"
+    session_tmp.mkdir()
+    one_test = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_every_setting_is_in_the_readme_table"]
+    environment = {key: value for key, value in os.environ.items() if key not in ("FLUX_LORA_CACHE_DIR", "FLUX_WEIGHTS")}
+    subprocess.run(one_test, cwd=ROOT, env={**environment, "TMPDIR": str(session_tmp)}, check=True, capture_output=True)
+    assert list(session_tmp.iterdir()) == []  # its throw-away LoRA cache was removed
