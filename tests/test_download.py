@@ -860,19 +860,41 @@ def test_a_dripping_host_fails_after_one_stall_timeout_and_is_not_retried(
     assert len(file_server.requests_for("/drip.bin")) == 1
 
 
-def test_a_retry_that_sets_progress_back_is_not_a_stall() -> None:
+class SteppedClock:
+    """A monotonic clock that moves only when the test moves it (by binary fractions, so sums are exact)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_retry_that_sets_progress_back_is_not_a_stall_and_stopped_bytes_are() -> None:
     """A retry calls expect() again (single stream: from 0; ranged: from what the resume state kept). Data that
-    keeps flowing across it is no stall, however far into the transfer the retry comes."""
+    keeps flowing across it is no stall, however far into the transfer the retry comes; data that stops is one,
+    after exactly one stall timeout. The test steps the clock and polls, so a busy machine cannot shift a window."""
+    clock, step = SteppedClock(), 1 / 16
     monitor = TransferMonitor(
-        input_name="lora_weights", label="x", cancelled=None, stall_timeout_s=0.3, total_timeout_s=60, poll_s=0.02
-    )
+        input_name="lora_weights", label="x", cancelled=None, stall_timeout_s=1.0, total_timeout_s=60,
+        poll_s=3600, clock=clock,  # the side thread never polls during the test: the test does
+    )  # fmt: skip
     with monitor:
         monitor.expect(10 * MiB)
-        for step in range(40):
-            if step == 20:
-                monitor.expect(10 * MiB, already=0)  # the retry, well past one stall timeout in
-            monitor.add(64 * 1024)
-            time.sleep(0.02)
+        for number in range(40):
+            if number == 20:
+                monitor.expect(10 * MiB, already=0)  # the retry, 1.25 s (past one stall timeout) in
+            monitor.add(64 * KIB)
+            clock.now += step
+            monitor.poll()
+            monitor.check()
+        for _ in range(15):  # 15/16 of a stall timeout without a byte: not yet
+            clock.now += step
+            monitor.poll()
+            monitor.check()
+        clock.now += step
+        monitor.poll()
+        with pytest.raises(DownloadStalled, match="less than 16 KiB arrived in 1 s"):
             monitor.check()
 
 

@@ -44,8 +44,11 @@ class TransferMonitor:
         total_timeout_s: float,
         progress_interval_s: float = 5.0,
         poll_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` is for tests that step time themselves (and call `poll()` in place of the side thread)."""
         self._input_name, self._label = input_name, label
+        self._clock = clock
         self._cancelled = cancelled or (lambda: False)
         self._stall_s, self._total_s = stall_timeout_s, total_timeout_s
         self._progress_interval_s, self._poll_s = progress_interval_s, poll_s
@@ -57,12 +60,14 @@ class TransferMonitor:
         self._thread: threading.Thread | None = None
         self._total: int | None = None
         self._done = self._new = 0
-        self._started = self._last_log = time.monotonic()
+        self._started = self._last_log = clock()
+        self._samples: deque[tuple[float, int]] = deque([(self._started, 0)])  # (time, bytes so far), for stalls
 
     # -------------------------------------------------------------- lifecycle
 
     def __enter__(self) -> TransferMonitor:
-        self._started = self._last_log = time.monotonic()
+        self._started = self._last_log = self._clock()
+        self._samples = deque([(self._started, 0)])
         self._thread = threading.Thread(target=self._watch, name="download-monitor", daemon=True)
         self._thread.start()
         return self
@@ -100,7 +105,7 @@ class TransferMonitor:
         with self._lock:
             self._done += count
             self._new += count
-            now = time.monotonic()
+            now = self._clock()
             if now - self._last_log < self._progress_interval_s:
                 return
             self._last_log = now
@@ -117,18 +122,22 @@ class TransferMonitor:
     # -------------------------------------------------------------- the side thread
 
     def _watch(self) -> None:
-        samples: deque[tuple[float, int]] = deque([(self._started, 0)])
         while not self._stop.wait(self._poll_s):
-            if self._failure is None:
-                failure = self._reason_to_stop(samples)
-                if failure is None:
-                    continue
-                self._failure = failure
-                self._must_end.set()
-            self._shut_sockets()  # again on each poll: a connection may have been opened meanwhile
+            self.poll()
 
-    def _reason_to_stop(self, samples: deque[tuple[float, int]]) -> DownloadError | None:
-        now = time.monotonic()
+    def poll(self) -> None:
+        """One look at the cancel callable, the clock and the bytes; the side thread's step, every `poll_s`."""
+        if self._failure is None:
+            failure = self._reason_to_stop()
+            if failure is None:
+                return
+            self._failure = failure
+            self._must_end.set()
+        self._shut_sockets()  # again on each poll: a connection may have been opened meanwhile
+
+    def _reason_to_stop(self) -> DownloadError | None:
+        now = self._clock()
+        samples = self._samples
         prefix = f"{self._input_name}: "
         if self._cancelled():
             error: DownloadError = DownloadCancelled(
