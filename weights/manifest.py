@@ -2,6 +2,7 @@
 
 Each entry is a Hugging Face repo in diffusers/transformers layout. FLUX.1-dev is gated: accept its licence on
 the Hub and set HF_TOKEN. Only the files the loaders read are fetched (no duplicate single-file checkpoints).
+With FLUX_WEIGHTS_URL set, each folder comes instead as `<base>/<folder>.tar` (weights/remote.py).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from lora.download.config import DownloadSettings
 from lora.download.downloader import Cancelled, Downloader
 from lora.download.errors import DownloadError
 from lora.download.urls import redact_url, url_origin
-from units import GB
+from units import GB, MiB
 from weights.verify import verify_weights_folder
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "FLUX_WEIGHTS_URL"
 MAX_MEMBERS = 10_000  # FLUX.1-dev's folder has about 30 files
 _NO_SIZE_CAP = 1 << 62
+_COPY_BYTES = 8 * MiB  # tarfile copies 16 KiB at a time by default: several times slower for multi-GB files
 _DOWNLOADS = ".downloads"
 
 
@@ -117,7 +118,7 @@ def extract_folder_tar(tar_path: Path, staging: Path, *, folder: str, label: str
     that holds the contents (`staging`, or `staging/<folder>` for a tar of the folder itself)."""
     staging.mkdir()
     try:
-        archive = tarfile.open(tar_path, mode="r:")
+        archive = tarfile.open(tar_path, mode="r:", copybufsize=_COPY_BYTES)
     except tarfile.TarError:
         raise UserError(f"{INPUT_NAME}: {label} is not an uncompressed .tar file") from None
     with archive:
