@@ -62,3 +62,11 @@ def cog_server(tiny_weights, tmp_path_factory):
     server = start_cog_server(tmp_path_factory.mktemp("coglet"), {"FLUX_ALLOW_PRIVATE_URLS": "1"})
     yield server
     stop_cog_server(server)
+
+
+@pytest.fixture(scope="session")
+def real_width_weights():
+    """Root of the real-width synthetic weights folder (tests/fixtures/real_width_folder.py), built once per machine."""
+    from tests.fixtures.real_width_folder import real_width_root
+
+    return real_width_root()
