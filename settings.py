@@ -41,8 +41,7 @@ _declare("FLUX_LORA_SCALE_CURVE", "linear", "`hosted`: one LoRA without go_fast 
 _declare("FLUX_COMPILE", "1", "`0`: no torch.compile of the go_fast transformers (compiling happens only on CUDA)")
 _declare("FLUX_COMPILE_WARMUP", "1", "`0`: skip setup's warm-up at every aspect ratio at 1 and 0.25 MP (the first request of each size compiles)")
 _declare("FLUX_GPU_MEMORY_GB", "", "GPU memory the plan may use, GiB (default: the GPU's total less 0.6 GiB; 79 without a GPU)")
-_declare("FLUX_GPU_RESERVE_GB", "10", "GPU memory the plan keeps free for activations (4 images at 1 MP), GiB")
-_declare("FLUX_PINNED_MEMORY_GB", "0", "pinned host memory the plan may use for variants swapped in when asked for, GiB (0: none, they are built when asked for)")
+_declare("FLUX_GPU_RESERVE_GB", "10", "GPU memory the plan keeps free for activations (up to 1440x1440 x 4; T5 takes this room while it encodes when it waits in host memory), GiB")
 
 # --- request files -------------------------------------------------------------------------------------------
 _declare("FLUX_INPUT_LOCAL_DIRS", "", "folders a request's `image`/`mask` paths may come from besides uploads (`:`-separated; unset: none)")

@@ -12,12 +12,14 @@ P6  HTTP round trip through coglet / in-process predict().                      
 The two sides of each ratio are interleaved and the medians of the repeats are used, as this machine is noisy.
 
 --gpu prints per-phase times of real predictions instead (script/_benchmark_phases.py): on CUDA with the real
-weights; without CUDA the same table on the tiny weights, smaller. --memory-plan prints the GPU memory tables.
+weights; without CUDA the same table on the tiny weights, smaller. --memory-plan prints the GPU memory plans of
+every deployed class on 16, 24, 48, 80 and 141 GiB (flux/fast/memory.py), --memory-plan --json as one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -69,12 +71,15 @@ def main() -> int:
     parser.add_argument("--lora", action="append", help="--gpu: a LoRA file (twice for the switch; default: synthetic)")
     parser.add_argument("--dev-steps", type=int, help="--gpu: dev steps (default: 28 on CUDA, 4 on CPU)")
     parser.add_argument("--schnell-steps", type=int, help="--gpu: schnell steps (default: 4 on CUDA, 2 on CPU)")
-    parser.add_argument("--memory-plan", action="store_true", help="print the GPU memory tables and stop")
+    parser.add_argument("--memory-plan", action="store_true", help="print the GPU memory plans and stop")
+    parser.add_argument("--json", action="store_true", help="--memory-plan: one JSON object instead of tables")
     args = parser.parse_args()
-    if args.memory_plan or args.gpu:
+    if args.memory_plan:
+        return print_memory_plan(args.json)
+    if args.gpu:
         from script import _benchmark_phases
 
-        return _benchmark_phases.print_memory_plan() if args.memory_plan else _benchmark_phases.main(args)
+        return _benchmark_phases.main(args)
     args.repeats = args.repeats or 5
     os.environ["FLUX_WEIGHTS"] = "tiny"
     os.environ.setdefault("FLUX_LORA_LOCAL_DIRS", tempfile.gettempdir())  # the benchmark's LoRAs are local files
@@ -169,6 +174,77 @@ def main() -> int:
             finally:
                 stop_cog_server(server)
     return 0
+
+
+# --- --memory-plan: the GPU memory plans (flux/fast/memory.py) as tables or JSON ----------------------------
+
+def print_memory_plan(as_json: bool, sizes=None) -> int:
+    """Each deployed class on each GPU of memory.GPU_SIZES_GIB: README's tables, or one JSON object
+    {"<GiB>": {"<class>": {"fits": ..., "error": ..., "resident": [...], ...}}}. sizes: memory.real_sizes()."""
+    from flux.fast import memory
+
+    sizes = sizes or memory.real_sizes()
+    plans = memory.plans_by_gpu(sizes)
+    if as_json:
+        print(json.dumps({str(gpu): {name: plan_json(plan) for name, plan in by_class.items()} for gpu, by_class in plans.items()}, indent=2))
+        return 0
+    print(sizes_table(sizes) + "\n\n" + summary_table(plans))
+    for gpu, by_class in plans.items():
+        for name, plan in by_class.items():
+            if not plan.fits:
+                print(f"\n{gpu} GiB, {name}: {plan.error}")
+    return 0
+
+
+def sizes_table(sizes) -> str:
+    """Markdown: component, dtype, GiB."""
+    from flux.fast.memory import gib
+
+    rows = ["| component | dtype | GiB |", "|---|---|---|"]
+    for variant, size in sizes.variants.items():
+        model, precision = variant.split("-")
+        rows.append(f"| FLUX.1 {model} transformer | {precision} | {gib(size)} |")
+    for name, size in sizes.shared.items():
+        component, _, dtype = name.rpartition(" (")
+        rows.append(f"| {component} | {dtype.rstrip(')')} | {gib(size)} |")
+    rows.append(f"| shared components together | | {gib(sizes.shared_total)} |")
+    for variant, size in sizes.lora_originals.items():
+        rows.append(f"| originals kept for a LoRA on every Linear of {variant} and CLIP | bf16 | {gib(size)} |")
+    return "\n".join(rows)
+
+
+def summary_table(plans) -> str:
+    """Markdown: one row per GPU size and class."""
+    from flux.fast.memory import LAZY, RESIDENT, UNAVAILABLE, gib
+
+    rows = ["| GPU GiB | class | fits | resident | built when asked for | unavailable | T5 | LoRA originals GPU / host GiB (at worst) | serving peak / budget GiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for gpu, by_class in plans.items():
+        for name, plan in by_class.items():
+            listed = " | ".join(", ".join(plan.variants(where)) or "—" for where in (RESIDENT, LAZY, UNAVAILABLE))
+            if plan.fits:
+                rest = f"{plan.t5} | {gib(plan.lora_originals_gpu)} / {gib(plan.lora_originals_host)} | {gib(plan.peak)} / {gib(plan.budget)}"
+            else:
+                rest = f"— | — | — / {gib(plan.budget)}"
+            rows.append(f"| {gpu} | {name} | {'yes' if plan.fits else '**no**'} | {listed} | {rest} |")
+    return "\n".join(rows)
+
+
+def plan_json(plan) -> dict[str, object]:
+    """One plan for --json: its decisions, and its byte counts in GiB."""
+    from flux.fast.memory import GIB, LAZY, RESIDENT, UNAVAILABLE
+
+    def in_gib(count: int) -> float:
+        return round(count / GIB, 2)
+
+    return dict(
+        fits=plan.fits, error=plan.error, resident=plan.variants(RESIDENT), lazy=plan.variants(LAZY),
+        unavailable=plan.variants(UNAVAILABLE), t5=plan.t5, lora_originals=plan.lora_originals,
+        lora_originals_gpu_gib=in_gib(plan.lora_originals_gpu), lora_originals_host_gib=in_gib(plan.lora_originals_host),
+        host_pinned_gib=in_gib(plan.host_pinned), budget_gib=in_gib(plan.budget), peak_gib=in_gib(plan.peak),
+        slot_gib=in_gib(plan.slot), activations_gib=in_gib(plan.activations), setup_peak_gib=in_gib(plan.setup_peak),
+        max_bf16_copies=plan.max_bf16_copies,
+    )
 
 
 if __name__ == "__main__":

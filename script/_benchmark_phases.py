@@ -183,17 +183,3 @@ def main(args) -> int:
     if cuda:
         print("Targets (issue 8): dev with a LoRA <= 2.5 s, schnell <= 0.45 s, a LoRA switch <= 0.5 s (total column).")
     return 0
-
-
-def print_memory_plan() -> int:
-    """The README tables: component sizes and the default plans, from the real configs on meta."""
-    sys.path.insert(0, str(ROOT))
-    from flux.fast import memory
-
-    sizes = memory.real_sizes()
-    budgets = memory.budgets_from_settings()
-    print(memory.sizes_table(sizes) + "\n")
-    for title, go_fast in (("Predictor (go_fast off by default)", False), ("FastPredictor (go_fast on by default)", True)):
-        plan = memory.plan_memory(sizes, memory.default_wanted(go_fast), **budgets)
-        print(memory.plan_table(plan, sizes, title) + "\n")
-    return 0

@@ -1,29 +1,38 @@
 """The GPU memory plan (flux/fast/memory.py): byte counts of the real FLUX.1 components built on the meta device,
-the counting rule checked against torchao's real fp8 tensors, and the placement decision."""
+the counting rule checked against torchao's real fp8 tensors, the plan of every deployed class on every GPU size,
+and setup's refusal on a GPU too small (its size faked)."""
 
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
+import predict
 from flux.fast import memory
 from flux.fast.memory import (
     GIB,
+    GPU,
+    HOST,
     LAZY,
     RESIDENT,
-    SWAPPED,
+    T5,
+    UNAVAILABLE,
+    Demand,
+    NotEnoughGpuMemory,
     Sizes,
-    default_wanted,
+    demand_for,
     fit_to_gpu,
     module_bytes,
     plan_memory,
 )
 from flux.fast.quantize import fp8_config, is_quantised_linear, quantise_weight
 from flux.variants import Variant
+from weights.real_configs import TRANSFORMER
 from weights.tiny.flux import tiny_transformer
 
 # --- the counting rule, against real tensors -----------------------------------------------------------------
@@ -48,6 +57,12 @@ def test_counting_matches_the_tensors_torchao_makes(dtype):
         if is_quantised_linear(name, module):
             module.weight = nn.Parameter(quantise_weight(module.weight.detach(), config), requires_grad=False)
     assert module_bytes(transformer, element, fp8=is_quantised_linear) == _real_bytes(transformer)
+
+
+def test_lora_originals_count_every_linear_weight_in_bf16():
+    transformer = tiny_transformer(guidance_embeds=True)
+    linears = [m for m in transformer.modules() if isinstance(m, nn.Linear)]
+    assert memory.linear_weight_bytes(transformer) == 2 * sum(m.weight.numel() for m in linears)
 
 
 # --- the real components, on meta ----------------------------------------------------------------------------
@@ -85,7 +100,7 @@ def test_real_models_have_the_known_parameter_counts(real_models):
 
 def test_transformer_config_is_the_library_default_except_guidance():
     defaults = {name: p.default for name, p in inspect.signature(FluxTransformer2DModel.__init__).parameters.items()}
-    for key, value in memory.TRANSFORMER.items():
+    for key, value in TRANSFORMER.items():
         assert tuple(defaults[key]) == value if isinstance(value, tuple) else defaults[key] == value, key
     assert defaults["guidance_embeds"] is False  # hence dev sets it
 
@@ -95,95 +110,211 @@ def test_component_sizes(real_sizes):
     assert v["dev-bf16"] == pytest.approx(23.8e9, rel=0.005)  # 2 bytes per parameter
     # fp8 halves the blocks' Linear weights: 99.6% of the transformer
     assert v["dev-fp8"] / v["dev-bf16"] == pytest.approx(0.502, abs=0.002)
-    assert real_sizes.shared["T5 XXL encoder (bf16)"] == pytest.approx(9.52e9, rel=0.005)
+    assert real_sizes.t5 == real_sizes.shared[T5] == pytest.approx(9.52e9, rel=0.005)
     assert real_sizes.shared_total == pytest.approx(10.89e9, rel=0.01)
+    # a LoRA on every Linear keeps 2 bytes per weight: nearly the whole bf16 transformer, on fp8 as on bf16
+    originals = real_sizes.lora_originals
+    assert originals["dev-fp8"] == originals["dev-bf16"] == pytest.approx(23.97e9, rel=0.005)
 
 
-def test_the_deployed_defaults_fit_one_80gb_gpu(real_sizes):
-    budget = dict(budget=79 * GIB, reserve=10 * GIB)
+# --- every deployed class on every GPU size (real sizes) -----------------------------------------------------
 
-    plain = plan_memory(real_sizes, default_wanted(go_fast_default=False), **budget)
-    assert plain.variants(RESIDENT) == ["dev-bf16", "schnell-bf16"]
-    assert plain.variants(LAZY) == ["dev-fp8", "schnell-fp8"]  # a go_fast request builds one in the slot
-    assert plain.fits and plain.setup_peak <= plain.budget and plain.max_bf16_copies == 1
-
-    fast = plan_memory(real_sizes, default_wanted(go_fast_default=True), **budget)
-    # all four do not fit (86.8 GiB with the reserve), so the fp8 pair stays and bf16 takes turns in the slot
-    assert fast.variants(RESIDENT) == ["dev-fp8", "schnell-fp8"]
-    assert fast.variants(LAZY) == ["dev-bf16", "schnell-bf16"]
-    assert fast.slot == real_sizes.variants["dev-bf16"]
-    assert fast.fits and fast.max_bf16_copies == 0  # fp8 is built from the checkpoint, not from a bf16 copy
-
-    # what setup keeps on a real GPU (flux/generate.py): the plan's resident set, in the order wanted
-    fast_wanted = [Variant.parse(name) for name in default_wanted(go_fast_default=True)]
-    assert [str(v) for v in fit_to_gpu(fast_wanted, 80 * GIB, real_sizes)] == ["dev-fp8", "schnell-fp8"]
-    assert fit_to_gpu(fast_wanted[2:], 40 * GIB, real_sizes) == ()  # nothing fits beside the slot: every variant on use
-
-    swapping = plan_memory(real_sizes, default_wanted(go_fast_default=True), **budget, host_budget=64 * GIB)
-    assert swapping.variants(SWAPPED) == ["dev-bf16", "schnell-bf16"]
-    assert swapping.fits and swapping.max_bf16_copies == 1
-    assert swapping.steps[-1].host_bytes == real_sizes.variants["dev-bf16"] + real_sizes.variants["schnell-bf16"]
+@pytest.fixture(scope="module")
+def plans(real_sizes):
+    return memory.plans_by_gpu(real_sizes)
 
 
-def test_tables_print(real_sizes):
-    assert "| T5 XXL encoder | bf16 | 8.87 |" in memory.sizes_table(real_sizes)
-    plan = plan_memory(real_sizes, ["dev-bf16"], budget=79 * GIB, reserve=10 * GIB)
-    assert "| dev-bf16 | 22.17 | resident |" in memory.plan_table(plan, real_sizes, "Predictor")
+FP8, BF16 = ["dev-fp8", "schnell-fp8"], ["dev-bf16", "schnell-bf16"]
+EVERY = {"Predictor": BF16 + FP8, "FastPredictor": FP8 + BF16, "LegacyPredictor": BF16}
+# GPU GiB -> class -> (resident, lazy, unavailable, t5); None: setup refuses
+EXPECTED = {
+    16: dict(Predictor=None, FastPredictor=None, LegacyPredictor=None),
+    24: dict(Predictor=None, FastPredictor=([], FP8, BF16, HOST), LegacyPredictor=None),
+    48: {name: ([], every, [], GPU) for name, every in EVERY.items()},
+    80: dict(Predictor=(BF16, FP8, [], GPU), FastPredictor=(FP8, BF16, [], GPU), LegacyPredictor=(BF16, [], [], GPU)),
+    141: {name: (every, [], [], GPU) for name, every in EVERY.items()},
+}
+
+
+@pytest.mark.parametrize("gpu", memory.GPU_SIZES_GIB)
+@pytest.mark.parametrize("name", memory.DEPLOYED)
+def test_each_class_on_each_gpu(plans, real_sizes, gpu, name):
+    plan, expected = plans[gpu][name], EXPECTED[gpu][name]
+    assert plan.fits == (expected is not None), plan.error
+    if expected is None:
+        assert f"A {gpu}.00 GiB GPU" in plan.error and f"cannot serve {name}" in plan.error
+        return
+    resident, lazy, unavailable, t5 = expected
+    assert (plan.variants(RESIDENT), plan.variants(LAZY), plan.variants(UNAVAILABLE), plan.t5) == (resident, lazy, unavailable, t5)
+    assert plan.peak <= plan.budget == gpu * GIB - memory.CUDA_CONTEXT
+    assert plan.setup_peak <= plan.budget and plan.max_bf16_copies <= 1
+    assert plan.slot == max((real_sizes.variants[v] for v in lazy), default=0)
+    # originals: for each variant that may be in memory at once; GPU room first, the rest pinned on the host
+    in_memory = resident + ([max(lazy, key=real_sizes.variants.get)] if lazy else [])
+    assert plan.lora_originals_bytes == sum(real_sizes.lora_originals[v] for v in in_memory)
+    assert plan.lora_originals_gpu + plan.lora_originals_host == plan.lora_originals_bytes
+    assert plan.host_pinned == plan.lora_originals_host + (real_sizes.t5 if t5 == HOST else 0)
+
+
+def test_what_the_goals_ask(plans):
+    # FastPredictor from 24 GiB: fp8 on the GPU, T5 waiting in host memory; the bf16 fallbacks cannot fit there
+    fast24 = plans[24]["FastPredictor"]
+    assert fast24.warm_slot == Variant("dev", "fp8") and fast24.activations >= fast24.t5_bytes
+    # Predictor and LegacyPredictor from 48 GiB, one bf16 transformer at a time: two (44.3 GiB) and the rest
+    # without T5 (1.3 GiB) would leave under 2 GiB for activations
+    assert all(plans[48][name].fits for name in ("Predictor", "LegacyPredictor"))
+    assert not plans[24]["Predictor"].fits and "what would fit: FastPredictor" in plans[24]["Predictor"].error
+    # on an H200 every variant is resident, and LegacyPredictor's LoRA originals all stay on the GPU
+    assert plans[141]["LegacyPredictor"].lora_originals == GPU
+    assert plans[141]["Predictor"].lora_originals == f"{GPU}+{HOST}"  # four variants' originals: 89 GiB at worst
+
+
+def test_the_json_has_every_size_and_class(real_sizes, capsys):
+    from script._benchmark import print_memory_plan
+
+    assert print_memory_plan(as_json=True, sizes=real_sizes) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed) == ["16", "24", "48", "80", "141"]
+    for by_class in printed.values():
+        assert list(by_class) == list(memory.DEPLOYED)
+        for plan in by_class.values():
+            assert plan["fits"] == (plan["error"] is None) and isinstance(plan["resident"], list)
+    assert printed["24"]["FastPredictor"]["t5"] == "host" and printed["16"]["FastPredictor"]["fits"] is False
+
+
+def test_the_tables_print(real_sizes, capsys):
+    from script._benchmark import print_memory_plan
+
+    print_memory_plan(as_json=False, sizes=real_sizes)
+    out = capsys.readouterr().out
+    assert "| T5 XXL encoder | bf16 | 8.87 |" in out
+    assert "| 80 | FastPredictor | yes | dev-fp8, schnell-fp8 | dev-bf16, schnell-bf16 | — | gpu |" in out
+    assert "16 GiB, FastPredictor: A 16.00 GiB GPU" in out
+
+
+# --- setup: fit_to_gpu with the GPU size faked ---------------------------------------------------------------
+
+@pytest.fixture
+def plan_settings(monkeypatch):
+    for name in ("FLUX_GPU_MEMORY_GB", "FLUX_GPU_RESERVE_GB"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_fit_to_gpu_returns_the_plan_setup_follows(real_sizes, plan_settings):
+    fast = [Variant.parse(name) for name in FP8 + BF16]
+    plan = fit_to_gpu(fast, 80 * GIB, go_fast_default=True, sizes=real_sizes)
+    assert plan.resident == (Variant("dev", "fp8"), Variant("schnell", "fp8")) and plan.warm_slot is None
+    # FLUX_RESIDENT_VARIANTS decides what is wanted resident, not what the class must serve
+    plan = fit_to_gpu([Variant("schnell")], 80 * GIB, go_fast_default=False, sizes=real_sizes)
+    assert plan.variants(RESIDENT)[0] == "schnell-bf16" and plan.fits
+
+
+def test_setup_refuses_a_gpu_too_small_with_one_sentence(real_sizes, plan_settings):
+    with pytest.raises(NotEnoughGpuMemory) as refused:
+        fit_to_gpu([Variant("dev")], 24 * GIB, go_fast_default=False, sizes=real_sizes)
+    message = str(refused.value)
+    assert message.startswith("A 24.00 GiB GPU (23.40 GiB for the plan) cannot serve Predictor: it needs 33.44 GiB")
+    assert message.endswith("what would fit: FastPredictor (22.43 GiB), or a GPU of at least 35 GiB.")
+    assert message.count(". ") == 0  # one sentence
+    with pytest.raises(NotEnoughGpuMemory, match="cannot serve LegacyPredictor"):
+        fit_to_gpu([Variant("dev")], 24 * GIB, go_fast_default=False, go_fast_input=False, sizes=real_sizes)
+
+
+def test_a_smaller_reserve_named_in_the_refusal_does_fit(real_sizes, plan_settings):
+    # a "24 GB" card that shows 22.5 GiB: 0.6 short of FastPredictor with the 10 GiB reserve
+    gpu = int(22.5 * GIB)
+    with pytest.raises(NotEnoughGpuMemory) as refused:
+        fit_to_gpu([Variant("dev", "fp8")], gpu, go_fast_default=True, sizes=real_sizes)
+    reserve = str(refused.value).split("FLUX_GPU_RESERVE_GB=")[1].split(" ")[0]
+    plan_settings.setenv("FLUX_GPU_RESERVE_GB", reserve)
+    plan = fit_to_gpu([Variant("dev", "fp8")], gpu, go_fast_default=True, sizes=real_sizes)
+    assert plan.fits and plan.t5 == HOST and plan.activations == int(float(reserve) * GIB) >= real_sizes.t5
+
+
+def test_budgets_from_settings(plan_settings):
+    assert memory.budgets_from_settings() == dict(budget=79 * GIB, reserve=10 * GIB)
+    assert memory.budgets_from_settings(gpu_total=80 * GIB)["budget"] == 80 * GIB - int(0.6 * GIB)
+    plan_settings.setenv("FLUX_GPU_MEMORY_GB", "40")
+    plan_settings.setenv("FLUX_GPU_RESERVE_GB", "6")
+    assert memory.budgets_from_settings(gpu_total=80 * GIB) == dict(budget=40 * GIB, reserve=6 * GIB)
+
+
+def test_deployed_classes_match_predict_py():
+    for name, (go_fast_default, go_fast_input) in memory.DEPLOYED.items():
+        cls = getattr(predict, name)
+        assert cls.go_fast_default is go_fast_default, name
+        assert ("go_fast" in inspect.signature(cls.predict).parameters) is go_fast_input, name
 
 
 # --- the decision, on made-up sizes (pure arithmetic) ---------------------------------------------------------
 
-SIZES = Sizes(variants={"dev-bf16": 20, "schnell-bf16": 20, "dev-fp8": 10, "schnell-fp8": 10}, shared={"text": 10})
+SIZES = Sizes(
+    variants={"dev-bf16": 20, "schnell-bf16": 20, "dev-fp8": 10, "schnell-fp8": 10},
+    shared={T5: 8, "clip": 2},
+    lora_originals={"dev-bf16": 4, "schnell-bf16": 4, "dev-fp8": 4, "schnell-fp8": 4},
+)
+ALL = ("dev-bf16", "schnell-bf16", "dev-fp8", "schnell-fp8")
 
 
-def test_wanted_variants_are_resident_in_order_while_they_fit():
-    plan = plan_memory(SIZES, ["schnell-fp8", "dev-fp8"], budget=100, reserve=5)
+def demand(wanted, required=("dev-bf16",), servable=ALL) -> Demand:
+    return Demand("Test", tuple(required), tuple(servable), tuple(wanted))
+
+
+def test_wanted_variants_are_resident_in_order_while_a_slot_for_the_others_fits():
+    # 10 shared + 5 reserve leave 45: both fp8 and a slot of 20 for either bf16
+    plan = plan_memory(SIZES, demand(["schnell-fp8", "dev-fp8"]), budget=60, reserve=5)
     assert plan.placement == {"schnell-fp8": RESIDENT, "dev-fp8": RESIDENT, "dev-bf16": LAZY, "schnell-bf16": LAZY}
-    assert plan.slot == 20 and plan.peak == 10 + 20 + 20 + 5 and plan.fits
+    assert plan.slot == 20 and plan.t5 == GPU and plan.fits
+    # with room to spare, the variants nobody wanted become resident too
+    assert plan_memory(SIZES, demand(["schnell-fp8"]), budget=100, reserve=5).variants(RESIDENT) == ["schnell-fp8", *ALL[:3]]
+    # dev-bf16 (20) and a 20 slot fit in the 45, schnell-bf16 then does not, nor any fp8 beside a 20 slot
+    plan = plan_memory(SIZES, demand(["dev-bf16", "schnell-bf16"]), budget=60, reserve=5)
+    assert plan.variants(RESIDENT) == ["dev-bf16"] and plan.slot == 20
 
 
-def test_the_slot_for_others_costs_the_least_wanted_resident_its_place():
-    # 10 shared + 20 + 20 + 5 reserve = 55 of 60 leaves 5: too little for an fp8 in the slot (10), so
-    # schnell-bf16 gives way, and the slot must then hold it (20)
-    plan = plan_memory(SIZES, ["dev-bf16", "schnell-bf16"], budget=60, reserve=5)
-    assert plan.variants(RESIDENT) == ["dev-bf16"]
-    assert plan.placement["schnell-bf16"] == LAZY and plan.slot == 20 and plan.fits
-
-
-def test_no_slot_when_every_variant_a_request_may_ask_for_is_resident():
-    plan = plan_memory(SIZES, ["dev-bf16", "schnell-bf16"], budget=55, reserve=5,
-                       all_variants=["dev-bf16", "schnell-bf16"])
+def test_every_servable_variant_resident_means_no_slot():
+    plan = plan_memory(SIZES, demand(["dev-bf16", "schnell-bf16"], servable=ALL[:2]), budget=60, reserve=5)
     assert plan.variants(RESIDENT) == ["dev-bf16", "schnell-bf16"] and plan.slot == 0 and plan.fits
 
 
-def test_swapped_while_host_memory_lasts_then_lazy():
-    plan = plan_memory(SIZES, ["dev-fp8", "dev-bf16", "schnell-bf16"], budget=50, reserve=5, host_budget=25)
-    assert plan.placement == {"dev-fp8": RESIDENT, "dev-bf16": SWAPPED, "schnell-bf16": LAZY, "schnell-fp8": LAZY}
-    assert [step.host_bytes for step in plan.steps] == [0, 0, 20]
+def test_t5_goes_to_the_host_only_when_the_class_does_not_fit_with_it():
+    # 10 shared + 20 + 5 = 35: fits with T5; at 30 only without it, and T5 then takes the reserve's place (8 > 5)
+    assert plan_memory(SIZES, demand(["dev-bf16"]), budget=35, reserve=5).t5 == GPU
+    plan = plan_memory(SIZES, demand(["dev-bf16"]), budget=30, reserve=5)
+    assert plan.fits and plan.t5 == HOST and plan.activations == 8 and plan.shared_gpu == 2
+    assert plan.placement == {"dev-bf16": LAZY, "schnell-bf16": LAZY, "dev-fp8": LAZY, "schnell-fp8": LAZY}
+    assert plan.warm_slot == Variant("dev") and plan.peak == 2 + 20 + 8 and plan.host_pinned == 8 + 4
 
 
-def test_a_budget_too_small_for_anything_says_it_does_not_fit():
-    plan = plan_memory(SIZES, ["dev-bf16"], budget=30, reserve=5)
-    assert plan.variants(RESIDENT) == [] and not plan.fits
+def test_variants_that_cannot_fit_alone_are_unavailable_and_a_required_one_refuses():
+    plan = plan_memory(SIZES, demand(["dev-fp8"], required=["dev-fp8"]), budget=25, reserve=5)
+    assert plan.fits and plan.variants(UNAVAILABLE) == ["dev-bf16", "schnell-bf16"]
+    refused = plan_memory(SIZES, demand(["dev-bf16"]), budget=25, reserve=5)
+    assert not refused.fits and "cannot serve Test" in refused.error
+
+
+def test_lora_originals_take_the_gpu_room_left_and_the_rest_is_pinned():
+    fp8 = demand(["dev-fp8", "schnell-fp8"], required=["dev-fp8"], servable=ALL[2:])
+    plan = plan_memory(SIZES, fp8, budget=40, reserve=5)
+    # 10 shared + 20 resident + 5 reserve leave 5 of the 8 bytes of originals (two variants) on the GPU
+    assert (plan.lora_originals_bytes, plan.lora_originals_gpu, plan.lora_originals_host) == (8, 5, 3)
+    assert plan.lora_originals == f"{GPU}+{HOST}" and plan.peak == plan.budget
+    roomy = plan_memory(SIZES, fp8, budget=100, reserve=5)
+    assert roomy.lora_originals == GPU and roomy.lora_originals_host == 0
 
 
 def test_setup_steps_never_hold_two_bf16_copies_of_a_transformer():
-    plan = plan_memory(SIZES, ["dev-fp8", "dev-bf16", "schnell-bf16"], budget=200, reserve=5, host_budget=100)
-    assert [step.gpu_bytes for step in plan.steps] == [10, 20, 40, 60]
+    plan = plan_memory(SIZES, demand(["dev-fp8", "dev-bf16", "schnell-bf16"]), budget=200, reserve=5)
+    assert [step.gpu_bytes for step in plan.steps] == [10, 20, 40, 60, 70]
     assert plan.steps[1].bf16_copies == {"dev": 0, "schnell": 0}  # dev-fp8 comes from the checkpoint file
     assert plan.max_bf16_copies == 1
 
 
-def test_variant_names_are_checked():
-    with pytest.raises(ValueError, match="no variant"):
-        plan_memory(SIZES, ["dev-int4"], budget=100, reserve=5)
-
-
-def test_budgets_from_settings(monkeypatch):
-    for name in ("FLUX_GPU_MEMORY_GB", "FLUX_GPU_RESERVE_GB", "FLUX_PINNED_MEMORY_GB"):
-        monkeypatch.delenv(name, raising=False)
-    assert memory.budgets_from_settings() == dict(budget=79 * GIB, reserve=10 * GIB, host_budget=0)
-    assert memory.budgets_from_settings(gpu_total=80 * GIB)["budget"] == 80 * GIB - int(0.6 * GIB)
-    monkeypatch.setenv("FLUX_GPU_MEMORY_GB", "40")
-    monkeypatch.setenv("FLUX_PINNED_MEMORY_GB", "64")
-    assert memory.budgets_from_settings(gpu_total=80 * GIB) == dict(budget=40 * GIB, reserve=10 * GIB, host_budget=64 * GIB)
+def test_demands_of_the_deployed_classes():
+    fast = demand_for(go_fast_default=True)
+    assert (fast.name, fast.required, fast.servable[:2]) == ("FastPredictor", tuple(FP8), tuple(FP8))
+    legacy = demand_for(go_fast_default=False, go_fast_input=False)
+    assert (legacy.name, legacy.servable) == ("LegacyPredictor", tuple(BF16))
+    operator = demand_for(go_fast_default=False, go_fast_input=False, wanted=[Variant("schnell", "fp8")])
+    assert operator.wanted == ("schnell-fp8",) and "schnell-fp8" in operator.servable

@@ -6,17 +6,24 @@ buffers in the dtype each runs in. fp8 counts what flux/fast/quantize.py makes o
 weight of the Linear layers it quantises (those inside the double and single blocks) plus one float32 scale
 per output row; everything else stays bf16.
 
-`plan_memory()` is the decision, pure arithmetic on those sizes:
-- the shared components (text encoders, VAE, safety checker) are always on the GPU, once for all variants;
-- `reserve` stays free for activations (denoising, and the VAE decoding 4 images at 1 MP);
-- the wanted variants, in the order given, are resident while they fit;
-- every other variant has to fit, one at a time, in a `slot` kept free beside them: it is either kept in
-  pinned host memory and copied in when asked for (swapped, about a second for a bf16 transformer over PCIe
-  gen5), or built from the checkpoint when asked for (lazy). Swapped needs `host_budget`; lazy needs nothing.
-  If the slot does not fit, the last resident variant gives up its place, and so on.
-- setup never holds two full bf16 copies of one transformer: a bf16 variant is loaded once, to one place, and
-  an fp8 variant is built from the checkpoint tensor by tensor, never from a bf16 copy in memory
-  (`load_fp8_transformer`). The plan lists the setup steps with the copies alive after each, and says so.
+`plan_memory()` is the decision for one deployed class (`Demand`: the variants it must serve, those a request
+may ask for, those it wants resident), pure arithmetic on those sizes:
+- CLIP, the VAE and the safety checker are on the GPU, once for all variants; `reserve` stays free for activations.
+- T5 (8.87 GiB) stays on the GPU when the class fits with it there; otherwise it waits in pinned host memory and
+  is copied in for each request's encoding (9.5 GB at about 25 GB/s: 0.4 s) while no activations are held, in the
+  reserve's room. fp8 weight-only T5 would save the copy but hold 4.4 GiB for good, which 24 GiB does not have
+  beside an fp8 transformer and the reserve (26.8 GiB), and change every request's pixels: never chosen.
+- Every variant a request may ask for that fits alone beside those is servable; the others are unavailable. The
+  servable ones, wanted first, are resident while one `slot` for any other still fits beside them; a variant
+  outside the resident set is built from the checkpoint into the slot when asked for (lazy).
+- The class fits when each required variant is servable; if not, the plan holds one sentence that says why and
+  what would fit, and `fit_to_gpu` refuses setup with it.
+- LoRA originals: each variant in memory keeps the originals of the layers LoRAs touched on it (lora/apply.py),
+  2 bytes per weight: 22.3 GiB for a LoRA on every Linear, bf16 or fp8 alike. The plan counts that for every
+  resident variant and the slot's largest, and gives them the GPU room left beside everything else (a switch
+  is then an HBM copy); what does not fit there goes to pinned host memory (a PCIe copy).
+- setup never holds two full bf16 copies of one transformer (bf16 is loaded once, to one place; fp8 is built
+  from the checkpoint tensor by tensor); the plan lists the setup steps with the copies alive after each.
 
 Units are bytes; tables print GiB (GPU memory is sized in binary units: an "80 GB" H100 has 80 GiB, of which
 torch reports 79.6 GiB; the default budget for planning without a GPU is 79 GiB).
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import settings
 from flux.variants import MODELS, Variant, default_resident
@@ -101,16 +108,33 @@ def build_on_meta() -> dict[str, object]:
     return models
 
 
+T5 = "T5 XXL encoder (bf16)"
+
+
 @dataclass(frozen=True)
 class Sizes:
-    """Bytes per variant ("dev-bf16" ...) and per shared component ("T5 XXL encoder (bf16)" ...)."""
+    """Bytes per variant ("dev-bf16" ...), per shared component (T5 ...), and of the originals a LoRA on every
+    Linear of a variant keeps (per variant)."""
 
     variants: dict[str, int]
     shared: dict[str, int]
+    lora_originals: dict[str, int] = field(default_factory=dict)
 
     @property
     def shared_total(self) -> int:
         return sum(self.shared.values())
+
+    @property
+    def t5(self) -> int:
+        return self.shared.get(T5, 0)
+
+
+def linear_weight_bytes(module) -> int:
+    """bf16 bytes of every Linear weight: the originals a LoRA touching all of them keeps (lora/apply.py keeps
+    them in the model dtype; an fp8 fuser keeps the bf16 checkpoint weight and re-quantises it to restore)."""
+    from torch import nn
+
+    return sum(BF16 * sub.weight.numel() for sub in module.modules() if isinstance(sub, nn.Linear))
 
 
 def real_sizes(models: dict[str, object] | None = None, *, per_row_scales: bool = True) -> Sizes:
@@ -118,24 +142,58 @@ def real_sizes(models: dict[str, object] | None = None, *, per_row_scales: bool 
     from flux.fast.quantize import is_quantised_linear
 
     models = models or build_on_meta()
-    variants = {}
+    variants, originals = {}, {}
     for model in MODELS:
         transformer = models[f"transformer-{model}"]
         variants[f"{model}-bf16"] = module_bytes(transformer, BF16)
         variants[f"{model}-fp8"] = module_bytes(transformer, BF16, fp8=is_quantised_linear, per_row_scales=per_row_scales)
+        for precision in ("bf16", "fp8"):  # each variant's fuser keeps its own, the CLIP encoder's included
+            originals[f"{model}-{precision}"] = linear_weight_bytes(transformer) + linear_weight_bytes(models["clip"])
     shared = {
-        "T5 XXL encoder (bf16)": module_bytes(models["t5"], BF16),
+        T5: module_bytes(models["t5"], BF16),
         "CLIP text encoder (bf16)": module_bytes(models["clip"], BF16),
         "VAE (bf16)": module_bytes(models["vae"], BF16),
         "safety stage 1, CLIP ViT-L (fp16)": module_bytes(models["safety-stage1"], FP16),
         "safety stage 2, ViT-base (fp32)": module_bytes(models["safety-stage2"], FP32),
     }
-    return Sizes(variants, shared)
+    return Sizes(variants, shared, originals)
 
 
 # --- the decision ------------------------------------------------------------------------------------------
 
-RESIDENT, SWAPPED, LAZY = "resident", "swapped", "lazy"
+RESIDENT, LAZY, UNAVAILABLE = "resident", "lazy", "unavailable"
+GPU, HOST = "gpu", "host"
+CUDA_CONTEXT = int(0.6 * GIB)  # taken by the CUDA context and libraries before the first tensor
+GPU_SIZES_GIB = (16, 24, 48, 80, 141)  # the plans script/benchmark --memory-plan prints (141: one H200)
+# each deployed class of predict.py: (its go_fast default, whether its schema has a go_fast input)
+DEPLOYED = {"Predictor": (False, True), "FastPredictor": (True, True), "LegacyPredictor": (False, False)}
+
+
+class NotEnoughGpuMemory(RuntimeError):
+    """Setup refuses a GPU too small for the deployed class. It is the operator's problem, not a request's (so no
+    errors.UserError); the message names the GPU's size, what the class needs, and what would fit."""
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What a deployed class asks of the GPU, as variant names: each `required` one must fit (the class's default
+    go_fast path), `servable` are all a request may ask for, `wanted` would be resident, most wanted first."""
+
+    name: str
+    required: tuple[str, ...]
+    servable: tuple[str, ...]
+    wanted: tuple[str, ...]
+
+
+def demand_for(go_fast_default: bool, go_fast_input: bool = True, wanted: Sequence[Variant] | None = None) -> Demand:
+    """The deployed class's demand; wanted: FLUX_RESIDENT_VARIANTS, else the class's default_resident."""
+    name = next((n for n, flags in DEPLOYED.items() if flags == (go_fast_default, go_fast_input)), "this class")
+    default = "fp8" if go_fast_default else "bf16"
+    precisions = dict.fromkeys((default, "bf16", "fp8") if go_fast_input else ("bf16",))
+    wanted = [str(v) for v in (default_resident(go_fast_default) if wanted is None else wanted)]
+    servable = [f"{model}-{precision}" for precision in precisions for model in MODELS]
+    return Demand(name, tuple(f"{model}-{default}" for model in MODELS), tuple(dict.fromkeys(servable + wanted)),
+                  tuple(dict.fromkeys(wanted)))
 
 
 @dataclass(frozen=True)
@@ -148,26 +206,59 @@ class SetupStep:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    budget: int
-    reserve: int
-    host_budget: int
-    shared: int
-    resident_bytes: int  # shared components + resident variants
-    placement: dict[str, str]  # variant -> resident / swapped / lazy
-    slot: int  # GPU bytes kept free for one swapped or lazy variant at a time (0 when there is none)
+    demand: Demand
+    budget: int  # GPU bytes the plan may use
+    activations: int  # kept free for activations: the reserve, or more when T5 comes in for each encoding
+    t5: str  # GPU: resident; HOST: pinned host memory, copied to the GPU for each request's encoding
+    t5_bytes: int
+    shared_gpu: int  # the shared components on the GPU (T5 only when resident)
+    placement: dict[str, str]  # variant -> resident / lazy (built when asked for, in the slot) / unavailable
+    resident_bytes: int  # the resident variants
+    slot: int  # GPU bytes kept free for one lazy variant at a time (0 when there is none)
+    lora_originals_bytes: int  # at worst: a LoRA on every Linear of each variant that may be in memory at once
+    lora_originals_gpu: int  # GPU bytes they may take (lora.apply.OriginalsBudget); the rest are pinned host memory
+    error: str | None = None  # why the class cannot be served here (one sentence); None when it fits
     steps: tuple[SetupStep, ...] = ()
 
     def variants(self, where: str) -> list[str]:
         return [variant for variant, place in self.placement.items() if place == where]
 
     @property
-    def peak(self) -> int:
-        """GPU bytes while serving at worst: shared + resident + one variant in the slot + the reserve."""
-        return self.resident_bytes + self.slot + self.reserve
+    def resident(self) -> tuple[Variant, ...]:
+        """The variants setup builds and keeps, most wanted first (for FluxPipelines)."""
+        return tuple(Variant.parse(variant) for variant in self.variants(RESIDENT))
 
     @property
     def fits(self) -> bool:
-        return self.peak <= self.budget
+        return self.error is None
+
+    @property
+    def warm_slot(self) -> Variant | None:
+        """When nothing is resident, the most wanted lazy variant: setup may build it into the slot (it gives way
+        to the next variant asked for), so the first request does not wait for it."""
+        lazy = [v for v in self.demand.wanted if self.placement.get(v) == LAZY]
+        return Variant.parse(lazy[0]) if lazy and not self.variants(RESIDENT) else None
+
+    @property
+    def lora_originals(self) -> str:
+        """Where the originals of LoRA-touched layers are kept at worst: GPU, HOST, or both."""
+        if self.lora_originals_gpu >= self.lora_originals_bytes:
+            return GPU
+        return HOST if self.lora_originals_gpu == 0 else f"{GPU}+{HOST}"
+
+    @property
+    def lora_originals_host(self) -> int:
+        return self.lora_originals_bytes - self.lora_originals_gpu
+
+    @property
+    def host_pinned(self) -> int:
+        """Pinned host bytes: T5 when it waits there, and the LoRA originals when they live there."""
+        return (self.t5_bytes if self.t5 == HOST else 0) + self.lora_originals_host
+
+    @property
+    def peak(self) -> int:
+        """GPU bytes while serving at worst: shared + resident + the slot + GPU LoRA originals + activations."""
+        return self.shared_gpu + self.resident_bytes + self.slot + self.lora_originals_gpu + self.activations
 
     @property
     def setup_peak(self) -> int:
@@ -179,126 +270,131 @@ class MemoryPlan:
         return max((count for step in self.steps for count in step.bf16_copies.values()), default=0)
 
 
-def plan_memory(
-    sizes: Sizes, wanted: Sequence[str], *, budget: int, reserve: int, host_budget: int = 0,
-    all_variants: Sequence[str] | None = None,
-) -> MemoryPlan:
-    """Place every variant (resident / swapped / lazy) for these wanted ones, in priority order; see the module
-    docstring. all_variants: those a request may ask for (default: every model in bf16 and fp8)."""
-    wanted = [str(Variant.parse(name)) for name in dict.fromkeys(wanted)]
-    everyone = [str(Variant.parse(name)) for name in (all_variants or sizes.variants)]
-    free = budget - reserve - sizes.shared_total
-    resident = []
-    for variant in wanted:
-        if sizes.variants[variant] <= free - sum(sizes.variants[r] for r in resident):
-            resident.append(variant)
-
-    def slot_needed() -> int:
-        return max((sizes.variants[v] for v in everyone if v not in resident), default=0)
-
-    while resident and slot_needed() > free - sum(sizes.variants[r] for r in resident):
-        resident.pop()  # the least wanted resident makes room for the slot
-
-    placement, host = {}, 0
-    for variant in [*wanted, *[v for v in everyone if v not in wanted]]:
-        if variant in resident:
-            placement[variant] = RESIDENT
-        elif variant in wanted and host + sizes.variants[variant] <= host_budget:
-            placement[variant] = SWAPPED
-            host += sizes.variants[variant]
-        else:
-            placement[variant] = LAZY
-    plan = MemoryPlan(
-        budget=budget, reserve=reserve, host_budget=host_budget, shared=sizes.shared_total, placement=placement,
-        resident_bytes=sizes.shared_total + sum(sizes.variants[v] for v in resident), slot=slot_needed(),
-    )
+def plan_memory(sizes: Sizes, demand: Demand, *, budget: int, reserve: int, gpu_total: int | None = None) -> MemoryPlan:
+    """Place T5, every variant and the LoRA originals; see the module docstring. T5 stays on the GPU whenever the
+    class fits with it there (no copy per request). gpu_total only names the GPU in the refusal."""
+    for t5 in (GPU, HOST):
+        plan = _place(sizes, demand, budget=budget, reserve=reserve, t5=t5)
+        if plan.fits:
+            break
+    else:
+        plan = replace(plan, error=_refusal(sizes, demand, budget=budget, reserve=reserve, gpu_total=gpu_total))
     return _with_setup_steps(plan, sizes)
 
 
+def _place(sizes: Sizes, demand: Demand, *, budget: int, reserve: int, t5: str) -> MemoryPlan:
+    size, t5_bytes = sizes.variants, sizes.t5
+    shared_gpu = sizes.shared_total - (t5_bytes if t5 == HOST else 0)
+    activations = max(reserve, t5_bytes) if t5 == HOST else reserve  # T5 comes in while no activations are held
+    room = budget - shared_gpu - activations  # for transformers, the slot and GPU LoRA originals
+    servable = [variant for variant in demand.servable if size[variant] <= room]  # each fits alone in the slot
+
+    def slot(resident: list[str]) -> int:
+        return max((size[v] for v in servable if v not in resident), default=0)
+
+    resident: list[str] = []
+    for variant in dict.fromkeys([v for v in demand.wanted if v in servable] + servable):  # wanted first
+        if sum(size[v] for v in [*resident, variant]) + slot([*resident, variant]) <= room:
+            resident.append(variant)
+    used = sum(size[v] for v in resident) + slot(resident)
+    in_slot = max((sizes.lora_originals.get(v, 0) for v in servable if v not in resident), default=0)
+    originals = sum(sizes.lora_originals.get(v, 0) for v in resident) + in_slot
+    missing = [v for v in demand.required if v not in servable]
+    return MemoryPlan(
+        demand=demand, budget=budget, activations=activations, t5=t5, t5_bytes=t5_bytes, shared_gpu=shared_gpu,
+        placement={
+            v: RESIDENT if v in resident else LAZY if v in servable else UNAVAILABLE
+            for v in dict.fromkeys(demand.wanted + demand.servable)  # most wanted first
+        },
+        resident_bytes=sum(size[v] for v in resident), slot=slot(resident),
+        lora_originals_bytes=originals, lora_originals_gpu=max(0, min(originals, room - used)),
+        error=f"{', '.join(missing)} do not fit" if missing else None,
+    )
+
+
+def _least_gpu(sizes: Sizes, demand: Demand, reserve: int) -> int:
+    """GPU bytes the class needs at least: T5 in host memory, its largest required transformer, the activations."""
+    return sizes.shared_total - sizes.t5 + max(sizes.variants[v] for v in demand.required) + max(reserve, sizes.t5)
+
+
+def _refusal(sizes: Sizes, demand: Demand, *, budget: int, reserve: int, gpu_total: int | None) -> str:
+    """One sentence: this GPU's size, what the class needs, and what would fit."""
+    need = _least_gpu(sizes, demand, reserve)
+    gpu = f"A {gib(gpu_total)} GiB GPU ({gib(budget)} GiB for the plan)" if gpu_total else f"A {gib(budget)} GiB budget"
+    what = "fp8" if Variant.parse(demand.required[0]).fp8 else "bf16"
+    options = [
+        f"{name} ({gib(other)} GiB)" for name, flags in DEPLOYED.items()
+        if (other := _least_gpu(sizes, demand_for(*flags), reserve)) <= budget and name != demand.name
+    ]
+    largest_reserve = budget - (need - max(reserve, sizes.t5))
+    if largest_reserve >= sizes.t5 and reserve > sizes.t5:  # T5 still comes in for each encoding
+        options.append(f"FLUX_GPU_RESERVE_GB={largest_reserve // (GIB // 10) / 10:.1f} (less room for activations)")
+    options.append(f"a GPU of at least {-(-(need + CUDA_CONTEXT) // GIB)} GiB")
+    return (
+        f"{gpu} cannot serve {demand.name}: it needs {gib(need)} GiB for one {what} transformer "
+        f"({gib(max(sizes.variants[v] for v in demand.required))} GiB), the CLIP encoder, VAE and safety checker "
+        f"and {gib(max(reserve, sizes.t5))} GiB for activations (T5 waiting in host memory between requests); "
+        f"what would fit: {', or '.join(options)}."
+    )
+
+
 def _with_setup_steps(plan: MemoryPlan, sizes: Sizes) -> MemoryPlan:
-    """Setup in order: shared components, then each resident variant onto the GPU, then each swapped variant
-    into pinned host memory. bf16 is loaded once, to its one place; fp8 is built from the checkpoint file
-    tensor by tensor (flux/fast/quantize.py), so it never needs a bf16 copy in memory."""
-    gpu, host = plan.shared, 0
+    """Setup in order: the shared components (T5 to its place), then each resident variant onto the GPU. bf16 is
+    loaded once, to its one place; fp8 is built from the checkpoint tensor by tensor, never from a bf16 copy."""
+    gpu, host = plan.shared_gpu, plan.t5_bytes if plan.t5 == HOST else 0
     copies = dict.fromkeys(MODELS, 0)
-    steps = [SetupStep("text encoders, VAE, safety checker -> GPU", gpu, host, dict(copies))]
-    for where in (RESIDENT, SWAPPED):
-        for variant in plan.variants(where):
-            size, parsed = sizes.variants[variant], Variant.parse(variant)
-            if where == RESIDENT:
-                gpu += size
-            else:
-                host += size
-            if not parsed.fp8:
-                copies[parsed.model] += 1
-            how = "built from the checkpoint, tensor by tensor" if parsed.fp8 else "loaded"
-            target = "GPU" if where == RESIDENT else "pinned host memory"
-            steps.append(SetupStep(f"{variant} {how} -> {target}", gpu, host, dict(copies)))
+    steps = [SetupStep(f"text encoders (T5 -> {plan.t5}), VAE, safety checker -> GPU", gpu, host, dict(copies))]
+    for variant in plan.variants(RESIDENT):
+        parsed = Variant.parse(variant)
+        gpu += sizes.variants[variant]
+        copies[parsed.model] += 0 if parsed.fp8 else 1
+        how = "built from the checkpoint, tensor by tensor" if parsed.fp8 else "loaded"
+        steps.append(SetupStep(f"{variant} {how} -> GPU", gpu, host, dict(copies)))
     return replace(plan, steps=tuple(steps))
 
 
 # --- defaults and settings ---------------------------------------------------------------------------------
 
-def default_wanted(go_fast_default: bool) -> list[str]:
-    """What the deployed class uses (flux.variants.default_resident), as names."""
-    return [str(variant) for variant in default_resident(go_fast_default)]
-
-
-def fit_to_gpu(wanted: Sequence[Variant], gpu_total: int, sizes: Sizes | None = None) -> tuple[Variant, ...]:
-    """The wanted variants the plan keeps resident on a GPU of gpu_total bytes (real FLUX.1 sizes, counted on
-    meta in a few seconds); the others are built on first use. Logs the plan's decision."""
-    plan = plan_memory(sizes or real_sizes(), [str(v) for v in wanted], **budgets_from_settings(gpu_total))
-    resident = tuple(v for v in wanted if plan.placement.get(str(v)) == RESIDENT)
+def fit_to_gpu(wanted: Sequence[Variant], gpu_total: int, *, go_fast_default: bool, go_fast_input: bool = True,
+               sizes: Sizes | None = None) -> MemoryPlan:
+    """The plan for the deployed class on a GPU of gpu_total bytes (real FLUX.1 sizes, counted on meta in a few
+    seconds); wanted: the variants it would keep resident. Raises NotEnoughGpuMemory when the class cannot be
+    served there, so setup fails with the reason instead of the first request running out of memory."""
+    demand = demand_for(go_fast_default, go_fast_input, wanted)
+    plan = plan_memory(sizes or real_sizes(), demand, gpu_total=gpu_total, **budgets_from_settings(gpu_total))
+    if not plan.fits:
+        raise NotEnoughGpuMemory(plan.error)
     log.info(
-        "GPU memory plan (%s GiB budget): resident %s; built on first use: %s; serving peak %s GiB",
-        gib(plan.budget), ", ".join(map(str, resident)) or "none",
-        ", ".join(v for v, where in plan.placement.items() if where != RESIDENT) or "none", gib(plan.peak),
+        "GPU memory plan for %s (%s GiB budget): resident %s; built when asked for: %s; unavailable: %s; T5 on the "
+        "%s; LoRA originals on the %s (%s GiB); serving peak %s GiB, %s GiB pinned host memory",
+        demand.name, gib(plan.budget), *(", ".join(plan.variants(where)) or "none" for where in (RESIDENT, LAZY, UNAVAILABLE)),
+        plan.t5, plan.lora_originals, gib(plan.lora_originals_bytes), gib(plan.peak), gib(plan.host_pinned),
     )
-    return resident
+    return plan
 
 
 def budgets_from_settings(gpu_total: int | None = None) -> dict[str, int]:
-    """budget, reserve and host_budget from FLUX_GPU_MEMORY_GB, FLUX_GPU_RESERVE_GB and FLUX_PINNED_MEMORY_GB
-    (GiB). Without FLUX_GPU_MEMORY_GB the budget is the GPU's total less 0.6 GiB (CUDA context), or 79 GiB."""
+    """budget and reserve from FLUX_GPU_MEMORY_GB and FLUX_GPU_RESERVE_GB (GiB). Without FLUX_GPU_MEMORY_GB the
+    budget is the GPU's total less the CUDA context (0.6 GiB), or 79 GiB without a GPU."""
     if settings.is_set("FLUX_GPU_MEMORY_GB"):
         budget = int(settings.number("FLUX_GPU_MEMORY_GB") * GIB)
     else:
-        budget = BUDGET_WITHOUT_GPU if gpu_total is None else gpu_total - int(0.6 * GIB)
-    return dict(
-        budget=budget,
-        reserve=int(settings.number("FLUX_GPU_RESERVE_GB") * GIB),
-        host_budget=int(settings.number("FLUX_PINNED_MEMORY_GB") * GIB),
-    )
+        budget = BUDGET_WITHOUT_GPU if gpu_total is None else gpu_total - CUDA_CONTEXT
+    return dict(budget=budget, reserve=int(settings.number("FLUX_GPU_RESERVE_GB") * GIB))
 
 
-# --- the table ---------------------------------------------------------------------------------------------
+def plans_by_gpu(sizes: Sizes) -> dict[int, dict[str, MemoryPlan]]:
+    """Each deployed class's plan on each GPU of GPU_SIZES_GIB (FLUX_GPU_RESERVE_GB applies; the budget is each
+    GPU's total less the CUDA context)."""
+    reserve = budgets_from_settings()["reserve"]
+    return {
+        size: {
+            name: plan_memory(sizes, demand_for(*flags), budget=size * GIB - CUDA_CONTEXT, reserve=reserve, gpu_total=size * GIB)
+            for name, flags in DEPLOYED.items()
+        }
+        for size in GPU_SIZES_GIB
+    }
+
 
 def gib(count: int) -> str:
     return f"{count / GIB:.2f}"
-
-
-def sizes_table(sizes: Sizes) -> str:
-    """Markdown: component, dtype, GiB."""
-    rows = ["| component | dtype | GiB |", "|---|---|---|"]
-    for variant, size in sizes.variants.items():
-        model, precision = variant.split("-")
-        rows.append(f"| FLUX.1 {model} transformer | {precision} | {gib(size)} |")
-    for name, size in sizes.shared.items():
-        component, _, dtype = name.rpartition(" (")
-        rows.append(f"| {component} | {dtype.rstrip(')')} | {gib(size)} |")
-    rows.append(f"| shared components together | | {gib(sizes.shared_total)} |")
-    return "\n".join(rows)
-
-
-def plan_table(plan: MemoryPlan, sizes: Sizes, title: str) -> str:
-    """Markdown: where each variant lives, and the GPU totals."""
-    rows = [f"**{title}** (budget {gib(plan.budget)} GiB, reserve {gib(plan.reserve)} GiB for activations)", "",
-            "| variant | GiB | placement |", "|---|---|---|"]
-    rows += [f"| {variant} | {gib(sizes.variants[variant])} | {place} |" for variant, place in plan.placement.items()]
-    rows += [
-        f"| shared components | {gib(plan.shared)} | resident |",
-        f"| slot for one swapped/lazy variant | {gib(plan.slot)} | kept free |",
-        f"| **serving peak** (resident + slot + reserve) | **{gib(plan.peak)}** | {'fits' if plan.fits else 'DOES NOT FIT'} |",
-        f"| setup peak (GPU) / most bf16 copies of one transformer | {gib(plan.setup_peak)} / {plan.max_bf16_copies} | |",
-    ]
-    return "\n".join(rows)
