@@ -8,9 +8,11 @@ uncompressed tar of that folder's contents (`<folder>/...` entries, a tar of the
 - No size cap: the weights are tens of GB. The guards are the disk's: the downloader reserves the tar's size above
   FLUX_CACHE_MIN_FREE_GB before writing, and extraction checks that the contents fit next to the tar.
 - Extracted with the rules LoRA tars follow: regular files and folders only, no links or devices, no absolute or
-  `..` names, at most `MAX_MEMBERS` entries. Download first, then extract (the measured choice; see README).
-- Never half there: the tar lives in `<root>/.downloads/` (a killed download resumes from there), the contents go
-  to `<root>/.<folder>.partial`, are checked (weights.verify), and get the real name in one rename.
+  `..` names, at most `MAX_MEMBERS` entries. Download first, then extract: streaming the extraction during the
+  download measured no faster on loopback once tarfile copies 8 MiB at a time (script/bench_weights_url.py).
+- Never half there: the tar lives in `<root>/.downloads/` (a killed download resumes from there; a process killed
+  while extracting downloads again), the contents go to `<root>/.<folder>.partial`, are checked (weights.verify),
+  and get the real name in one rename.
 - One fetcher per weights folder at a time (a file lock), so replicas sharing a volume fetch each folder once.
 """
 
