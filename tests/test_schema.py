@@ -40,9 +40,8 @@ def test_schema_file_is_current():
     assert result.returncode == 0, result.stderr
 
 
-sys.path.insert(0, str(ROOT / "script"))
-from _schema import openapi_document  # noqa: E402
-from cog_inputs import load_predictor, predict_with_defaults  # noqa: E402
+from script._schema import openapi_document  # noqa: E402
+from script.cog_inputs import load_predictor, predict_with_defaults  # noqa: E402
 
 
 def variant_schemas(ref: str) -> dict:
