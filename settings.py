@@ -39,7 +39,9 @@ _declare("FLUX_RESIDENT_VARIANTS", "", "variants built at setup and kept (`dev-b
 _declare("FLUX_GO_FAST_LORA_MULTIPLIER", "1", "multiplies LoRA scales on the fp8 path (the hosted model used 1.5)")
 _declare("FLUX_LORA_SCALE_CURVE", "linear", "`hosted`: one LoRA without go_fast acts as scale² (the hosted model's curve)")
 _declare("FLUX_COMPILE", "1", "`0`: no torch.compile of the go_fast transformers (compiling happens only on CUDA)")
-_declare("FLUX_COMPILE_WARMUP", "1", "`0`: skip setup's warm-up at every aspect ratio at 1 and 0.25 MP (the first request of each size compiles)")
+_declare("FLUX_COMPILE_WARMUP", "1", "`0`: skip setup's warm-up steps that compile the blocks' graphs (the first request of each shape then compiles)")
+_declare("FLUX_COMPILE_CACHE_DIR", "", "where compiled kernels are kept between boots (default: `FLUX_WEIGHTS_DIR/.compile-cache`, else `.cache/compile-cache`)")
+_declare("FLUX_CUDNN_ATTENTION", "0", "`1`: prefer cuDNN's fused attention on Hopper (off by default: PyTorch disables it for CUDA < 12.9, pytorch#169849)")
 _declare("FLUX_GPU_MEMORY_GB", "", "GPU memory the plan may use, GiB (default: the GPU's total less 0.6 GiB; 79 without a GPU)")
 _declare("FLUX_GPU_RESERVE_GB", "10", "GPU memory the plan keeps free for activations (up to 1440x1440 x 4; T5 takes this room while it encodes when it waits in host memory), GiB")
 

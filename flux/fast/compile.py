@@ -1,23 +1,28 @@
-"""torch.compile for the FLUX transformer: one graph for every image size, LoRA switches without recompiling.
+"""torch.compile for the FLUX transformer by regions: the repeated blocks, compiled once, paid once per image.
 
-- **Dynamic token count.** Before every call the token dimension of `hidden_states` (batch, tokens, channels)
-  and `img_ids` (tokens, 3) is marked dynamic, so the first compile already covers every aspect ratio and both
-  megapixel settings. The text length is fixed per model (512 dev, 256 schnell). The batch size is left to
-  torch's automatic dynamic shapes: the first call with more than one image compiles once more, with the batch
-  dynamic, and that graph then serves 2, 3 and 4 images. `warm_up` makes both compiles happen at setup.
-- **forward is compiled, not the module.** The module object stays the same, so pipelines, from_pipe views
-  and the LoRA fusers keep referring to it, and the marking above runs eagerly, outside the compiled code.
+- **Regional.** Only the 19 double and 38 single blocks are compiled (diffusers' `compile_repeated_blocks`, which
+  calls `block.compile()` on each). Every block of a class runs the same `forward` code, and Dynamo keeps its
+  graphs per code object, guarding on a block's parameters by type, shape and dtype, not identity: one graph
+  serves all 19 double blocks. The single blocks need two, because the first gets contiguous inputs and the
+  other 37 get views of the previous block's output (Dynamo guards on strides). The embedders and the output
+  layer run eagerly (under 1% of the work).
+- **Dynamic shapes.** `dynamic=True` traces every size symbolically from the first call: one graph serves every
+  token count (aspect ratio and megapixels), and both text lengths (dev 512, schnell 256), so all fp8 variants
+  share the same graphs. Marking the transformer's input dynamic would not reach the blocks: their inputs are new
+  tensors made eagerly in between. A batch of one is specialised (a size of 1 always is), so the first batch of
+  2 compiles once more; 3 and 4 reuse that graph. tests/test_compile.py counts it: 3 graphs for a batch of one
+  at every size, 6 with batches of 2 to 4, for plain and for fp8 weights.
 - **LoRAs.** Both fusers (lora/apply.py, flux/fast/lora_fp8.py) write fused values into the existing weight
-  tensors in place. Dynamo's guards look at a parameter's type, shape, dtype and device, never its values, so a
-  LoRA switch reuses the compiled graph (tests/test_compile.py counts compilations to prove it).
-- **Attention.** On Hopper (capability 9.x) cuDNN's fused attention is preferred, a preference, not a
-  restriction: shapes cuDNN cannot serve fall back to flash, then memory-efficient, then math. Elsewhere
-  PyTorch's own order (flash first) is kept. The priority is active while the graph is traced, which is when
-  the kernel is chosen.
+  tensors, and the guards never look at values, so a LoRA switch compiles nothing.
+- **Attention.** cuDNN's fused attention first on Hopper is an operator's opt-in (FLUX_CUDNN_ATTENTION=1):
+  PyTorch turned it off by default for CUDA < 12.9 after a memory-correctness report (pytorch#169849, fixed by
+  pytorch#171627), and cog.yaml pins CUDA 12.8. The kernel is chosen when a graph is traced.
+- **Paid once.** `compile_for_serving` loads torch's cache artefacts (Inductor's FX graphs, AOTAutograd's graphs,
+  Triton kernels, autotuning results) from FLUX_COMPILE_CACHE_DIR before compiling and saves them after the
+  warm-up, so a second boot reads kernels instead of building them. One file per torch version and GPU model.
 
-Compiling happens only on CUDA (inductor's CPU code would take minutes to build here and gain little); set
-FLUX_COMPILE=0 to run eagerly. The warm-up runs one denoising step per size at setup so no request pays for a
-compile; FLUX_COMPILE_WARMUP=0 skips it (the first request of each new shape then compiles).
+Compiling happens only on CUDA (FLUX_COMPILE=0 runs eagerly). The warm-up (FLUX_COMPILE_WARMUP=0 skips it) runs
+one denoising step at the shapes that compile (see `warm_up_sizes`), so no request compiles.
 """
 
 from __future__ import annotations
@@ -25,11 +30,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import re
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import settings
@@ -37,22 +47,58 @@ from flux.sizes import MEGAPIXELS, SIZES_1MP, output_size
 
 log = logging.getLogger(__name__)
 
-# cuDNN first on Hopper: 1.7-2.3x faster than flash there at the same accuracy; slower on Ampere and Blackwell
-HOPPER_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-WARM_UP_BATCH_SIZES = (1, 2)  # 1 compiles the token-dynamic graph, 2 the batch-dynamic one (used for 2..4)
-# Dynamo keeps its graphs per code object, and every transformer's forward is the same function, so all
-# compiled variants (2 graphs each) count against one limit. At the default 8, four variants fill it and any
-# further compile would silently run eagerly (the tests hit this). Far above what we compile, far below
-# runaway recompiling.
-RECOMPILE_LIMIT = 64
+# cuDNN first, the others as fallbacks in PyTorch's order (flash, memory-efficient, math). On Hopper cuDNN was
+# measured 1.7-2.3x faster than flash at the same accuracy; slower on Ampere and Blackwell.
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+WARM_UP_BATCH_SIZES = (1, 2)  # 1 compiles the graphs, 2 the batch-dynamic ones (used for 2..4)
+# What torchao's quantize_ used to switch on for the whole process (flux/fast/quantize.py turns that off): it
+# benchmarks every generated Triton kernel at compile time. Pass as compile_transformer(options=...) to compare.
+TORCHAO_INDUCTOR_TUNING = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
 
 
-def attention_priority(device: torch.device, capability: tuple[int, int] | None = None) -> list[SDPBackend] | None:
-    """The SDPA backends in order of preference for this device, or None to keep PyTorch's default order."""
-    if device.type != "cuda":
+@dataclass(frozen=True)
+class CompileReport:
+    """What compile_for_serving did, for setup's log and the GPU check."""
+
+    compiled: bool  # whether the transformer now runs compiled blocks
+    cache_load_s: float = 0.0
+    warm_up_s: float = 0.0  # the graphs compile inside the warm-up's first calls
+    cache_save_s: float = 0.0
+    graphs: int = 0  # graphs Dynamo captured during the warm-up
+    cache_hits: int = 0  # Inductor graphs read from the cache instead of built
+    cache_misses: int = 0
+
+
+def attention_priority(
+    device: torch.device, capability: tuple[int, int] | None = None, *, cudnn: bool | None = None
+) -> list[SDPBackend] | None:
+    """The SDPA backends in order of preference, or None for PyTorch's own order: cuDNN first on Hopper when
+    the operator opts in (cudnn=None reads FLUX_CUDNN_ATTENTION)."""
+    if cudnn is None:
+        cudnn = settings.flag("FLUX_CUDNN_ATTENTION")
+    if device.type != "cuda" or not cudnn:
         return None
     major, _ = capability or torch.cuda.get_device_capability(device)
-    return HOPPER_ATTENTION if major == 9 else None
+    return CUDNN_FIRST if major == 9 else None
+
+
+def prefer_attention(transformer: nn.Module, priority: Sequence[SDPBackend] | None) -> None:
+    """Run the transformer's calls under this SDPA priority (None: PyTorch's order). A preference, not a
+    restriction: shapes the first backend cannot serve fall back to the next. Compiled blocks keep the kernel
+    chosen when they were traced, so to compare priorities: uncompile_transformer, torch._dynamo.reset(), then
+    compile_transformer(attention=...)."""
+    vars(transformer).pop("forward", None)
+    if not priority:
+        return
+    priority = list(priority)
+    eager_forward = transformer.forward
+
+    @functools.wraps(eager_forward)  # the bound method: its signature, without self
+    def forward(*args, **kwargs):
+        with sdpa_kernel(priority, set_priority=True):
+            return eager_forward(*args, **kwargs)
+
+    transformer.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
 
 
 def compile_wanted(device: torch.device) -> bool:
@@ -60,8 +106,14 @@ def compile_wanted(device: torch.device) -> bool:
     return device.type == "cuda" and settings.flag("FLUX_COMPILE")
 
 
+def repeated_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The modules regional compilation compiles (the classes the model names in `_repeated_blocks`)."""
+    names = set(getattr(transformer, "_repeated_blocks", ()))
+    return [module for module in transformer.modules() if type(module).__name__ in names]
+
+
 def is_compiled(transformer: nn.Module) -> bool:
-    return "forward" in vars(transformer)
+    return any(block._compiled_call_impl is not None for block in repeated_blocks(transformer))
 
 
 def compile_transformer(
@@ -70,44 +122,38 @@ def compile_transformer(
     backend: object = "inductor",
     fullgraph: bool = False,
     attention: Sequence[SDPBackend] | None = None,
+    options: dict | None = None,
 ) -> None:
-    """Compile `transformer.forward` in place, with a dynamic token dimension (see the module docstring).
+    """Compile the transformer's repeated blocks in place, shape-dynamic (see the module docstring).
 
     backend: "inductor" on GPU; tests pass a counting backend. fullgraph=True makes a graph break an error
     (the tests use it to show there is none); at setup a break only costs speed, so it is allowed.
-    attention: SDPA backends in order of preference while compiling and running (None: PyTorch's order)."""
+    attention: SDPA backends in order of preference while compiling and running (None: PyTorch's order).
+    options: Inductor settings for these graphs only (e.g. TORCHAO_INDUCTOR_TUNING), never process-wide."""
     if is_compiled(transformer):
         return
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    compiled = torch.compile(transformer.forward, backend=backend, fullgraph=fullgraph)
-    priority = list(attention) if attention else None
-
-    @functools.wraps(transformer.forward)  # the bound method: its signature, without self
-    def forward(*args, **kwargs):
-        _mark_tokens_dynamic(args, kwargs)
-        with sdpa_kernel(priority, set_priority=True) if priority else contextlib.nullcontext():
-            return compiled(*args, **kwargs)
-
-    transformer.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
+    prefer_attention(transformer, attention)
+    extra = {"options": options} if options else {}
+    transformer.compile_repeated_blocks(backend=backend, fullgraph=fullgraph, dynamic=True, **extra)
 
 
 def uncompile_transformer(transformer: nn.Module) -> None:
-    """Back to eager forward (after a compile that failed during warm-up, for instance)."""
-    vars(transformer).pop("forward", None)
+    """Back to eager blocks and PyTorch's attention order (after a compile that failed at warm-up, say)."""
+    for block in repeated_blocks(transformer):
+        block._compiled_call_impl = None  # what nn.Module.compile() set; None is its "not compiled"
+    prefer_attention(transformer, None)
 
 
-def _mark_tokens_dynamic(args: tuple, kwargs: dict) -> None:
-    hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-    img_ids = kwargs.get("img_ids")
-    if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3:
-        torch._dynamo.mark_dynamic(hidden_states, 1)
-    if isinstance(img_ids, torch.Tensor) and img_ids.dim() == 2:
-        torch._dynamo.mark_dynamic(img_ids, 0)
+def every_request_size() -> list[tuple[int, int]]:
+    """(width, height) of every aspect ratio at 1 MP and 0.25 MP, as requests ask for them."""
+    return list(dict.fromkeys(output_size(ratio, megapixels) for megapixels in MEGAPIXELS for ratio in SIZES_1MP))
 
 
 def warm_up_sizes() -> list[tuple[int, int]]:
-    """(width, height) of every aspect ratio at 1 MP and 0.25 MP, as requests ask for them."""
-    return list(dict.fromkeys(output_size(ratio, megapixels) for megapixels in MEGAPIXELS for ratio in SIZES_1MP))
+    """The sizes setup warms up at, each at batches 1 and 2. The first (1 MP, 1:1, 4096 tokens) compiles every
+    graph. The second (0.25 MP, 3:2, 988 tokens: not a multiple of 8) checks that a new token count compiles
+    nothing; if it did (a backend that specialises on a size), setup warms up every request size."""
+    return [output_size("1:1", "1"), output_size("3:2", "0.25")]
 
 
 def warm_up(
@@ -118,25 +164,22 @@ def warm_up(
     batch_sizes: Sequence[int] = WARM_UP_BATCH_SIZES,
     exclusive: contextlib.AbstractContextManager | None = None,
 ) -> float:
-    """One denoising step at each size (and each batch size at the first size) through the real pipeline call,
-    so that every compile happens now and not in a user's request. Returns the seconds taken.
+    """One denoising step at each size and batch size through the real pipeline call, so that every compile
+    happens now and not in a user's request. Returns the seconds taken.
 
     The call matches FluxGenerator's: txt2img, under inference_mode, guidance only when the transformer has a
     guidance embedding. Dynamo guards on such details, so a different call would compile again later.
 
-    exclusive: held around each call (the pipelines' PIPELINE_CALLS lock): a background warm-up shares the
-    scheduler, tokenizers and text encoders with the requests being served, so its calls take turns with theirs."""
+    exclusive: held around each call (e.g. the pipelines' lock, when others may use the shared scheduler,
+    tokenizers and text encoders meanwhile)."""
     exclusive = exclusive or contextlib.nullcontext()
     started = time.perf_counter()
-    sizes = list(sizes)
     guidance = {"guidance_scale": 3.5} if pipeline.transformer.config.guidance_embeds else {}
     with torch.inference_mode(), exclusive:
         prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
             prompt="warm-up", prompt_2=None, max_sequence_length=max_sequence_length
         )
-    runs = [(width, height, 1) for width, height in sizes]
-    runs += [(*sizes[0], batch) for batch in batch_sizes if batch != 1] if sizes else []
-    for width, height, batch in runs:
+    for width, height, batch in [(*size, batch) for size in sizes for batch in batch_sizes]:
         size_started = time.perf_counter()
         with torch.inference_mode(), exclusive:
             pipeline(
@@ -154,29 +197,113 @@ def warm_up(
     return time.perf_counter() - started
 
 
+def _graphs_captured() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _warm_up_checked(pipeline, *, max_sequence_length: int, label: str, exclusive) -> float:
+    """warm_up at warm_up_sizes(); if the size that should reuse the graphs compiled, every request size too."""
+    first, check = warm_up_sizes()
+    seconds = warm_up(pipeline, [first], max_sequence_length=max_sequence_length, exclusive=exclusive)
+    before = _graphs_captured()
+    seconds += warm_up(pipeline, [check], max_sequence_length=max_sequence_length, exclusive=exclusive)
+    if _graphs_captured() > before:
+        log.warning("%s: a new image size compiled again; warming up every request size", label)
+        seconds += warm_up(pipeline, every_request_size(), max_sequence_length=max_sequence_length,
+                           exclusive=exclusive)
+    return seconds
+
+
+# --- the persistent compile cache ----------------------------------------------------------------------------
+
+_LOADED_CACHES: set[Path] = set()  # each cache file is read once per process, before the first compile
+
+
+def compile_cache_file(device: torch.device) -> Path:
+    """This torch version's and GPU model's cache file, in FLUX_COMPILE_CACHE_DIR (default: beside the weights,
+    FLUX_WEIGHTS_DIR/.compile-cache, or .cache/compile-cache in the project when that is not set)."""
+    folder = settings.text("FLUX_COMPILE_CACHE_DIR")
+    if not folder:
+        weights = settings.text("FLUX_WEIGHTS_DIR")
+        project = Path(__file__).resolve().parents[2]
+        folder = Path(weights) / ".compile-cache" if weights else project / ".cache" / "compile-cache"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return Path(folder).expanduser() / re.sub(r"[^\w.+-]+", "_", f"torch-{torch.__version__}-{gpu}.bin")
+
+
+def load_compile_cache(file: Path) -> int:
+    """Hand the saved artefacts to torch's caches (once per process); the number of artefacts, 0 if none."""
+    if file in _LOADED_CACHES or not file.is_file():
+        return 0
+    _LOADED_CACHES.add(file)
+    try:  # torch logs and returns None for a file it cannot read (cut short, from another torch)
+        info = torch.compiler.load_cache_artifacts(file.read_bytes())
+    except Exception:
+        log.warning("Compile cache %s: unexpected error", file, exc_info=True)
+        info = None
+    if info is None:
+        log.warning("Compile cache %s could not be loaded; compiling from scratch", file)
+        return 0
+    return sum(len(keys) for keys in info.artifacts.values())
+
+
+def save_compile_cache(file: Path) -> int:
+    """Write every artefact this process compiled or loaded, atomically; the bytes written (0: nothing to save,
+    or the folder is read-only, e.g. a cache baked into the image)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return 0
+    data, _ = saved
+    partial = file.with_name(f".{file.name}.{os.getpid()}.partial")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        partial.replace(file)  # readers see the old file or the new one, never half of one
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        log.warning("Compile cache not saved to %s (%s); the next boot compiles again", file.parent, error)
+        return 0
+    return len(data)
+
+
 def compile_for_serving(
     pipeline, *, max_sequence_length: int, label: str, exclusive: contextlib.AbstractContextManager | None = None
-) -> bool:
-    """At setup, for one txt2img pipeline on CUDA: compile its transformer and warm it up at every request
-    size. Does nothing on CPU or with FLUX_COMPILE=0. If the warm-up fails, the transformer runs eagerly
-    (logged) rather than failing setup. Returns whether the transformer is now compiled."""
+) -> CompileReport:
+    """At setup, for one txt2img pipeline on CUDA: load the compile cache, compile the transformer's blocks, warm
+    them up so no request compiles, and save the cache. Does nothing on CPU or with FLUX_COMPILE=0. If the
+    warm-up fails, the transformer runs eagerly (logged) rather than failing setup."""
     transformer = pipeline.transformer
     device = transformer.device
     if not compile_wanted(device):
-        return False
+        return CompileReport(compiled=False)
+    cache = compile_cache_file(device)
+    started = time.perf_counter()
+    artefacts = load_compile_cache(cache)
+    cache_load_s = time.perf_counter() - started
     priority = attention_priority(device)
     compile_transformer(transformer, attention=priority)
-    attention = "cuDNN preferred" if priority else "PyTorch's default order"
+    attention = "cuDNN first" if priority else "PyTorch's order"
     if not settings.flag("FLUX_COMPILE_WARMUP"):
-        log.info("%s: compiled lazily (FLUX_COMPILE_WARMUP=0: each new shape compiles on first use); attention: %s",
-                 label, attention)
-        return True
-    sizes = warm_up_sizes()
+        log.info("%s: compiled lazily (FLUX_COMPILE_WARMUP=0: the first request of each shape compiles); "
+                 "attention: %s", label, attention)
+        return CompileReport(compiled=True, cache_load_s=cache_load_s)
+    before = {name: counters["inductor"][name] for name in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+    graphs_before = _graphs_captured()
     try:
-        seconds = warm_up(pipeline, sizes, max_sequence_length=max_sequence_length, exclusive=exclusive)
+        warm_up_s = _warm_up_checked(pipeline, max_sequence_length=max_sequence_length, label=label,
+                                     exclusive=exclusive)
     except Exception:
         uncompile_transformer(transformer)
         log.exception("%s: torch.compile failed during warm-up; running without compile", label)
-        return False
-    log.info("%s: compiled and warmed up at %d sizes in %.1fs; attention: %s", label, len(sizes), seconds, attention)
-    return True
+        return CompileReport(compiled=False, cache_load_s=cache_load_s)
+    hits = counters["inductor"]["fxgraph_cache_hit"] - before["fxgraph_cache_hit"]
+    misses = counters["inductor"]["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]
+    started = time.perf_counter()
+    written = save_compile_cache(cache) if misses or not cache.is_file() else 0
+    report = CompileReport(True, cache_load_s, warm_up_s, time.perf_counter() - started,
+                           _graphs_captured() - graphs_before, hits, misses)
+    log.info("%s: compiled %d graphs (%d from the cache, %d built) and warmed up in %.1fs; cache: %d artefacts "
+             "loaded in %.1fs, %.0f MB saved in %.1fs (%s); attention: %s", label, report.graphs, hits, misses,
+             warm_up_s, artefacts, cache_load_s, written / 1e6, report.cache_save_s, cache, attention)
+    return report
