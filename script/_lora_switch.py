@@ -1,0 +1,156 @@
+"""LoRA switching at real widths on this CPU: each cost against its floor, measured in one run (script/lora_switch).
+
+The model is FLUX.1's transformer at its real widths (3072 wide, the real config) with 1 double and 1 single block
+(or --double/--single), random weights, in the CPU model dtype (fp32); the LoRAs are two synthetic rank-16 LoRAs
+on every Linear of the blocks (full coverage, as ai-toolkit trains them). Figures, medians of --repeats, interleaved:
+- floor: one copy of the touched weights in the model dtype plus every B@A (what any exact switch must do here);
+- switch: LoRA A fused -> LoRA B fused, through the product's fuser (lora/apply.py, flux/fast/lora_fp8.py);
+- back after none: a request without a LoRA (restore), then LoRA A again: the second step is timed;
+- per request: one transformer forward at 256x256 with the LoRA fused / without (the cost a LoRA that stays adds).
+fp8 rows use the weight-only fp8 build of the same weights (CPU's go_fast), the LoRA re-quantised from bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from weights.libraries import prepare_libraries  # noqa: E402
+
+prepare_libraries()
+
+import torch  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
+from torch import nn  # noqa: E402
+
+from flux.fast.lora_fp8 import fuser_for  # noqa: E402
+from flux.fast.quantize import build_fp8_transformer, fp8_config, is_quantised_linear  # noqa: E402
+from lora.deltas import LoraDelta  # noqa: E402
+from lora.formats import LoraWeights  # noqa: E402
+from weights.real_configs import TRANSFORMER  # noqa: E402
+
+RANK = 16
+
+
+class StateDictSource:
+    """A TensorSource over an in-memory model's tensors (the fp8 build and its LoRA originals read from it)."""
+
+    def __init__(self, model: nn.Module):
+        self._tensors = dict(model.state_dict())
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def read(self, name, device, dtype):
+        tensor = self._tensors[name]
+        return tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+
+
+def real_width_transformer(double: int, single: int) -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    config = dict(TRANSFORMER, num_layers=double, num_single_layers=single, guidance_embeds=True)
+    return FluxTransformer2DModel(**config).eval().requires_grad_(False)
+
+
+def full_coverage_lora(transformer: nn.Module, seed: int) -> LoraWeights:
+    """Rank-16 deltas on every block Linear, sized so |ΔW|/|W| is a few percent (as trained FLUX LoRAs)."""
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name, module in transformer.named_modules():
+        if is_quantised_linear(name, module):
+            out_features, in_features = module.weight.shape
+            down = torch.randn(RANK, in_features, generator=generator) / in_features**0.5
+            up = torch.randn(out_features, RANK, generator=generator) * 0.03 * module.weight.std().item() * (in_features / RANK) ** 0.5
+            deltas[f"transformer.{name}"] = LoraDelta(down=down, up=up, factor=1.0)
+    return LoraWeights(deltas=deltas, matched=2 * len(deltas), ignored={}, identity=f"bench-{seed}")
+
+
+class Floor:
+    """One copy of every touched weight in the model dtype, and every B@A: the least an exact switch does. Into
+    buffers allocated once, as the fuser writes into the existing weights (fresh allocations would time page
+    faults, not the work)."""
+
+    def __init__(self, source: StateDictSource, lora: LoraWeights):
+        self.lora = lora
+        self.originals = [source.read(path.removeprefix("transformer.") + ".weight", "cpu", torch.float32) for path in lora.deltas]
+        self.copies = [torch.empty_like(weight) for weight in self.originals]
+        self.products = [torch.empty_like(weight) for weight in self.originals]
+
+    def __call__(self) -> None:
+        for original, copy, product, delta in zip(self.originals, self.copies, self.products, self.lora.deltas.values(), strict=True):
+            copy.copy_(original)
+            torch.mm(delta.up, delta.down, out=product)
+
+
+def timed(action) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def forward(transformer: nn.Module, size: int = 256, text_tokens: int = 512) -> None:
+    tokens = (size // 16) ** 2
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        transformer(
+            hidden_states=torch.randn(1, tokens, 64, generator=generator),
+            encoder_hidden_states=torch.randn(1, text_tokens, 4096, generator=generator),
+            pooled_projections=torch.randn(1, 768, generator=generator),
+            timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+            img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text_tokens, 3),
+        )
+
+
+def measure(label: str, transformer: nn.Module, source: StateDictSource, loras: list[LoraWeights], repeats: int) -> None:
+    fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=fp8_config(torch.device("cpu"), torch.float32))
+    a, b = loras
+    floor_b = Floor(source, b)
+    fuser.apply([(a, 1.0)])  # takes the originals once, as the first LoRA request does
+    floors, switches, backs, restores, with_lora, without = [], [], [], [], [], []
+    for _ in range(repeats):  # interleaved, so the machine's noise falls on every figure alike
+        floors.append(timed(floor_b))
+        switches.append(timed(lambda: fuser.apply([(b, 1.0)])))
+        with_lora.append(timed(lambda: forward(transformer)))
+        restores.append(timed(lambda: fuser.apply([])))
+        without.append(timed(lambda: forward(transformer)))
+        backs.append(timed(lambda: fuser.apply([(a, 1.0)])))
+    del floor_b
+    floor, switch, back = (statistics.median(x) for x in (floors, switches, backs))
+    touched = sum(delta.shape[0] * delta.shape[1] for delta in a.deltas.values())
+    print(f"{label}: {len(a.deltas)} Linears, {touched / 1e6:.0f} M touched weights")
+    print(f"  floor (copy + every B@A)         {floor:7.3f}s")
+    print(f"  switch A -> B                    {switch:7.3f}s  -> {switch / floor:4.2f}x floor (goal <= 2)")
+    print(f"  restore (request without LoRA)   {statistics.median(restores):7.3f}s")
+    print(f"  back to A after none             {back:7.3f}s  -> {back / switch:4.2f}x a switch (goal <= 1)")
+    print(f"  forward 256x256 with / without   {statistics.median(with_lora):7.3f}s / {statistics.median(without):.3f}s"
+          f"  -> {statistics.median(with_lora) / statistics.median(without):4.2f} (goal <= 1.05)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--double", type=int, default=1)
+    parser.add_argument("--single", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-fp8", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; FLUX.1 transformer at real widths, "
+          f"{args.double} double + {args.single} single blocks, fp32 (the CPU model dtype)", flush=True)
+    bf16 = real_width_transformer(args.double, args.single)
+    source = StateDictSource(bf16)
+    loras = [full_coverage_lora(bf16, seed) for seed in (1, 2)]
+    measure("model dtype (bf16 on a GPU)", bf16, source, loras, args.repeats)
+    if not args.skip_fp8:
+        cpu = torch.device("cpu")
+        fp8 = build_fp8_transformer(bf16.config, source, cpu, torch.float32, fp8_config(cpu, torch.float32))
+        del bf16
+        measure("fp8 (weight-only on CPU)", fp8, source, loras, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
