@@ -22,7 +22,7 @@ from flux.request import GenerationRequest
 from flux.variants import Variant, go_fast_fallback, resident_variants, variant_for
 from safety.checker import SafetyChecker
 from weights.locations import WeightPaths, resolve_weight_paths
-from weights.store import WeightsFolder
+from weights.store import ModelStore, WeightsFolder
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,11 @@ class FluxGenerator:
         paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
         return cls(paths, default_lora=default_main_lora(setup_weights), go_fast_default=go_fast_default)
 
-    def __init__(self, weights: WeightPaths, default_lora: str | None = None, *, go_fast_default: bool = False):
-        """go_fast_default: the deployed schema's default, which decides the resident variants (flux/variants.py)."""
+    def __init__(self, weights: WeightPaths, default_lora: str | None = None, *, go_fast_default: bool = False,
+                 store: ModelStore | None = None):
+        """go_fast_default: the deployed schema's default, which decides the resident variants (flux/variants.py).
+        store: where the FLUX components come from (default: the weights' folders; script/gpu_check passes
+        synthetic weights made on the GPU)."""
         if weights.tiny:
             log.warning(
                 "Using the TINY random test weights (no GPU or no real weights configured): images are noise. "
@@ -66,7 +69,7 @@ class FluxGenerator:
             from flux.fast.memory import fit_to_gpu
 
             resident = fit_to_gpu(resident, torch.cuda.get_device_properties(self.device).total_memory)
-        store = WeightsFolder(weights.dev, weights.schnell)
+        store = store or WeightsFolder(weights.dev, weights.schnell)
         self.pipelines = FluxPipelines(store, self.device, self.dtype, resident=resident)
         with phase("Loading the safety checker"):
             self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)

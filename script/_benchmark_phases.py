@@ -79,7 +79,24 @@ class PhaseClock:
         return dict(seconds)
 
 
-def _synthetic_loras(transformer, folder: Path) -> list[str]:
+def product_phase_clock(sync: Callable[[], None]) -> PhaseClock:
+    """A PhaseClock on the functions each phase of a prediction runs (see the module docstring)."""
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    import flux.generate
+    from flux.lora_state import LoraState
+    from safety.checker import SafetyChecker
+
+    clock = PhaseClock(sync)
+    clock.wrap(FluxPipeline, "encode_prompt", "text")
+    clock.wrap(AutoencoderKL, "decode", "vae")
+    clock.wrap(SafetyChecker, "check", "safety")
+    clock.wrap(flux.generate, "save_images", "encode")
+    clock.wrap(LoraState, "prepare", "lora")
+    return clock
+
+
+def synthetic_loras(transformer, folder: Path) -> list[str]:
     """Two LoRAs of rank 16 on every Linear of the transformer, each B·A a few percent of a typical weight."""
     from tests.fixtures.lora_factory import make_spec, write_layout
 
@@ -106,14 +123,9 @@ def main(args) -> int:
 
     import logging
 
-    from diffusers import AutoencoderKL, FluxPipeline
-
-    import flux.generate
     from errors import UserError
     from flux.fast.compile import is_compiled
-    from flux.lora_state import LoraState
     from predict import Predictor
-    from safety.checker import SafetyChecker
     from script.cog_inputs import predict_with_defaults
 
     size = {"aspect_ratio": "1:1", "megapixels": "1" if cuda else "0.25"}
@@ -132,18 +144,12 @@ def main(args) -> int:
               f"{size['megapixels']} MP, dev {steps['dev']} and schnell {steps['schnell']} steps (CPU figures say "
               "nothing about a GPU; fp8 is weight-only here and nothing is compiled)", flush=True)
 
-    loras = args.lora or _synthetic_loras(generator.pipelines.transformer(generator.pipelines.resident[0]), lora_dir)
+    loras = args.lora or synthetic_loras(generator.pipelines.transformer(generator.pipelines.resident[0]), lora_dir)
     if len(loras) < 2:
         loras = [loras[0], loras[0]]
     print(f"LoRAs: {', '.join(Path(p).name for p in loras)}; {repeats} measured runs per row (medians)\n", flush=True)
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    clock = PhaseClock(sync)
-    clock.wrap(FluxPipeline, "encode_prompt", "text")
-    clock.wrap(AutoencoderKL, "decode", "vae")
-    clock.wrap(SafetyChecker, "check", "safety")
-    clock.wrap(flux.generate, "save_images", "encode")
-    clock.wrap(LoraState, "prepare", "lora")
+    clock = product_phase_clock(torch.cuda.synchronize if cuda else (lambda: None))
 
     def predict(model: str, go_fast: bool, lora: str | None) -> None:
         inputs = dict(prompt=PROMPT, model=model, go_fast=go_fast, num_inference_steps=steps[model], seed=7,

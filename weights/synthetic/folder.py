@@ -58,13 +58,15 @@ def ensure_synthetic_folder(
     report = WriteReport()
 
     def writer(repo: str) -> Callable[[Path], None]:
-        return lambda directory: report.add(_write_repo(repo, directory, layers, seed, draw_device, log))
+        return lambda directory: report.add(write_repo(repo, directory, layers, seed, draw_device, log))
 
     repo_build(layers, seed).ensure(root, {root / folder: writer(repo) for repo, folder in REPOS.items()})
     return report
 
 
-def _write_repo(repo: str, directory: Path, layers: Layers, seed: int, draw_device: str, log) -> WriteReport:
+def write_repo(repo: str, directory: Path, layers: Layers, seed: int, draw_device: str = "cpu",
+               log: Callable[[str], None] = lambda line: None) -> WriteReport:
+    """One repo (a key of REPOS) into the new folder `directory`."""
     directory.mkdir(parents=True)
     report = WriteReport()
     folder = REPOS[repo]

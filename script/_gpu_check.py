@@ -1,0 +1,295 @@
+"""The GPU check (script/gpu_check): full-size synthetic FLUX.1 on one CUDA device, through the product's own code.
+
+No weight files and no network: weights/synthetic's SyntheticStore makes both transformers, T5 XXL, CLIP and the
+VAE on the GPU (the safety models are written to a scratch folder, about 0.8 GB, because safety/checker.py loads
+folders). flux.generate.FluxGenerator then runs as under Predictor/FastPredictor: the same pipelines, fp8
+build, LoRA fusers and compile_for_serving. Stages, cheapest first; each figure is printed and OUT/gpu_check.json
+rewritten as it lands, so a run cut short keeps what it measured:
+1. device, driver, torch and CUDA versions, free memory;
+2. setup phases: shared components, bf16 and fp8 builds, safety checker; later compile + warm-up per model;
+3. dev (28 steps) and schnell (4 steps) at 1024x1024: bf16 eager, fp8 eager, fp8 compiled, each without and with
+   a synthetic full-coverage rank-16 LoRA; median of 3 (1 with --quick) after one unmeasured run, with the text
+   encoding, denoise, VAE decode and safety phases (script/_benchmark_phases.py's clock);
+4. the switch between two cached LoRAs per variant (LoraState.prepare, as a request runs it);
+5. peak GPU memory per row, and graphs Dynamo compiled during a row after the warm-up (0 = no recompile);
+6. the VAE decoding 4 images at 1440x1440: time and peak memory.
+--cpu runs every stage on the 1/1/1 real-width model in bf16 at 256x256 with one step, VAE at 128x128 (requests
+are shrunk after validation, as no preset is that small; nothing compiles on CPU, so no compiled rows), so the
+script is tested where there is no GPU. CPU figures say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "a photo of TOK riding a bicycle in a park"
+VARIANTS = ("dev-bf16", "dev-fp8", "schnell-bf16", "schnell-fp8")
+
+
+class Report:
+    """Prints each figure and rewrites OUT/gpu_check.json (atomically) with every figure so far."""
+
+    def __init__(self, out: Path):
+        self.path, self.records, self.started = out / "gpu_check.json", [], time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, stage: str, line: str, **figures: object) -> None:
+        print(line, flush=True)
+        self.records.append({"stage": stage, "elapsed_s": round(time.perf_counter() - self.started, 2), **figures})
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.records, indent=1) + "\n")
+        partial.replace(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes and repeats: full size at 1 MP on CUDA, the 1/1/1 model at 256x256 on CPU."""
+
+    cpu: bool
+    quick: bool
+
+    @property
+    def layers(self):
+        from weights.synthetic.components import FULL_SIZE, Layers
+
+        return Layers(1, 1, 1) if self.cpu else FULL_SIZE
+
+    side = property(lambda self: 256 if self.cpu else 1024)
+    vae_side = property(lambda self: 128 if self.cpu else 1440)
+    steps = property(lambda self: {"dev": 1, "schnell": 1} if self.cpu else {"dev": 28, "schnell": 4})
+    repeats = property(lambda self: 1 if self.quick else 3)
+    warm_runs = property(lambda self: 0 if self.cpu and self.quick else 1)
+
+
+def configure_environment(plan: Plan, workdir: Path) -> None:
+    """Settings the product reads, before it is imported: all four variants resident, built eagerly (the compiled
+    rows compile later, in stage 3), LoRAs from the scratch folder, nothing cached outside it."""
+    os.environ.update({
+        "FLUX_RESIDENT_VARIANTS": ",".join(VARIANTS),
+        "FLUX_COMPILE": "0",
+        "FLUX_LORA_LOCAL_DIRS": str(workdir / "loras"),
+        "FLUX_LORA_CACHE_DIR": str(workdir / "lora-cache"),
+        "FLUX_COMPILE_CACHE_DIR": str(workdir / "compile-cache"),
+    })
+    if plan.cpu:
+        os.environ["FLUX_DTYPE"] = "bf16"  # on this CPU class bf16 matmuls are ~5x fp32's, and half the memory
+
+
+def device_stage(report: Report) -> None:
+    import torch
+
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if not torch.cuda.is_available():
+        report.add("device", f"device: CPU ({torch.get_num_threads()} threads), torch {versions['torch']}", **versions)
+        return
+    free, total = torch.cuda.mem_get_info()
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True, check=False).stdout.strip() or "unknown"
+    name = torch.cuda.get_device_name()
+    report.add("device", f"device: {name}, driver {driver}, torch {versions['torch']}, CUDA {versions['cuda']}, "
+               f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free", name=name, driver=driver,
+               free_gib=round(free / 2**30, 2), total_gib=round(total / 2**30, 2), **versions)
+
+
+def setup_stage(report: Report, plan: Plan, workdir: Path):
+    """The FluxGenerator on synthetic weights, each setup phase timed by the product functions it runs."""
+    import torch
+
+    import flux.generate
+    import flux.pipelines
+    from safety.checker import SafetyChecker
+    from script._benchmark_phases import PhaseClock
+    from weights.locations import WeightPaths
+    from weights.synthetic.store import SyntheticStore
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    store = SyntheticStore(workdir, plan.layers)
+    started = time.perf_counter()
+    safety = store.write_safety_folders("cuda" if torch.cuda.is_available() else "cpu")
+    report.add("setup", f"setup: safety models written in {time.perf_counter() - started:.2f}s",
+               phase="safety files", seconds=round(time.perf_counter() - started, 3))
+    clock = PhaseClock(sync)
+    clock.wrap(SyntheticStore, "shared_components", "text encoders + VAE")
+    clock.wrap(flux.pipelines, "flux_transformer", "bf16 builds")
+    clock.wrap(flux.pipelines, "build_fp8_transformer", "fp8 builds")
+    clock.wrap(SafetyChecker, "load", "safety load")
+    paths = WeightPaths(dev=workdir, schnell=workdir, safety_stage1=safety["safety_stage1"],
+                        safety_stage2=safety["safety_stage2"], tiny=False)
+    built: dict[str, object] = {}
+    try:
+        seconds = clock.run(lambda: built.setdefault("generator", flux.generate.FluxGenerator(paths, store=store)))
+    finally:
+        clock.restore()
+    for phase, value in seconds.items():
+        report.add("setup", f"setup: {phase} {value:.2f}s", phase=phase, seconds=round(value, 3))
+    generator = built["generator"]
+    resident = [str(v) for v in generator.pipelines.resident]
+    report.add("setup", f"setup: resident {', '.join(resident)} ({store})", resident=resident)
+    return generator, store
+
+
+def compile_stage(report: Report, generator, model: str) -> None:
+    """compile_for_serving on the model's fp8 pipeline, as setup runs it for a resident fp8 variant."""
+    from flux.fast.compile import compile_for_serving
+    from flux.pipelines import MAX_SEQUENCE_LENGTH
+
+    os.environ["FLUX_COMPILE"] = "1"
+    started = time.perf_counter()
+    pipe = generator.pipelines.get(f"{model}-fp8", "txt2img")
+    result = compile_for_serving(pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[model], label=f"FLUX {model}-fp8")
+    seconds = time.perf_counter() - started
+    report.add("setup", f"setup: compile + warm-up {model}-fp8 {seconds:.1f}s ({result})", phase=f"compile {model}-fp8",
+               seconds=round(seconds, 2), **dataclasses.asdict(result))
+
+
+# --- stage 3-5: the rows --------------------------------------------------------------------------------------
+
+class Rows:
+    """Predictions through FluxGenerator.run, timed by phase (script/_benchmark_phases.py's clock)."""
+
+    def __init__(self, report: Report, plan: Plan, generator, loras: list[str]):
+        import torch
+
+        from script._benchmark_phases import product_phase_clock
+
+        self.report, self.plan, self.generator, self.loras = report, plan, generator, loras
+        self.cuda = torch.cuda.is_available()
+        self.clock = product_phase_clock(torch.cuda.synchronize if self.cuda else (lambda: None))
+
+    def request(self, model: str, go_fast: bool, lora: str | None):
+        from flux.request import LIMITS, build_request
+
+        request = build_request(prompt=PROMPT, model=model, go_fast=go_fast, num_inference_steps=self.plan.steps[model],
+                                seed=7, replicate_weights=lora, aspect_ratio="1:1", megapixels="1", limits=LIMITS)
+        if self.plan.cpu:  # no preset is this small; the size is not validated again after this point
+            request = dataclasses.replace(request, width=self.plan.side, height=self.plan.side)
+        return request
+
+    def row(self, model: str, go_fast: bool, compiled: bool, lora: str | None) -> None:
+        import torch
+        from torch._dynamo.utils import counters
+
+        variant = f"{model}-{'fp8' if go_fast else 'bf16'}"
+        label = f"{variant}{' compiled' if compiled else ''}"
+        request = self.request(model, go_fast, lora)
+        for _ in range(self.plan.warm_runs):
+            self.generator.run(request)  # unmeasured: fetches and converts the LoRA
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        graphs = counters["stats"]["unique_graphs"]
+        runs = [self.clock.run(lambda: self.generator.run(request)) for _ in range(self.plan.repeats)]
+        medians = {phase: round(statistics.median(run.get(phase, 0.0) for run in runs), 3)
+                   for phase in ("lora", "text", "denoise", "vae", "safety", "total")}
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None
+        recompiled = counters["stats"]["unique_graphs"] - graphs
+        line = (f"{label:<21}{request.num_inference_steps:>4} steps  LoRA {'yes' if lora else 'no ':<4}"
+                + "".join(f" {phase} {value:7.3f}" for phase, value in medians.items())
+                + f"  peak {peak if peak is not None else '-'} GiB  graphs compiled {recompiled}")
+        self.report.add("row", line, variant=variant, compiled=compiled, lora=bool(lora),
+                        steps=request.num_inference_steps, size=[request.width, request.height], runs=len(runs),
+                        median_s=medians, peak_gib=peak, graphs_compiled=recompiled)
+
+    def switch(self, model: str, go_fast: bool, compiled: bool) -> None:
+        """Seconds of LoraState.prepare going from one cached LoRA to the other (both fetched and converted)."""
+        from flux.variants import Variant
+
+        variant = Variant(model, "fp8" if go_fast else "bf16")
+        requests = [self.request(model, go_fast, lora) for lora in self.loras]
+        self.generator.loras.prepare(requests[1], variant)  # converts the second LoRA once
+        times = [self.clock.run(lambda r=requests[i % 2]: self.generator.loras.prepare(r, variant))["total"]
+                 for i in range(1 if self.plan.quick else 2 * self.plan.repeats)]
+        label = f"{variant}{' compiled' if compiled else ''}"
+        median = round(statistics.median(times), 3)
+        self.report.add("switch", f"switch {label}: {median:.3f}s (median of {len(times)})", variant=str(variant),
+                        compiled=compiled, median_s=median, runs=len(times))
+
+
+# --- stage 6 and the whole run --------------------------------------------------------------------------------
+
+def vae_stage(report: Report, plan: Plan, generator) -> None:
+    """The shared VAE decoding a batch of 4 latents at vae_side² (the largest request: 4 outputs, 1440x1440)."""
+    import torch
+
+    vae, cuda = generator.pipelines.vae, torch.cuda.is_available()
+    latents = torch.randn(4, vae.config.latent_channels, plan.vae_side // 8, plan.vae_side // 8,
+                          device=vae.device, dtype=vae.dtype)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else 0
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            vae.decode(latents, return_dict=False)
+    except torch.OutOfMemoryError as error:
+        report.add("vae", f"vae: 4 x {plan.vae_side}x{plan.vae_side} ran out of memory: {error}", out_of_memory=True)
+        return
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    peak = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2) if cuda else None
+    report.add("vae", f"vae: 4 x {plan.vae_side}x{plan.vae_side} decoded in {seconds:.2f}s, peak above the "
+               f"models {peak if peak is not None else '-'} GiB", side=plan.vae_side, seconds=round(seconds, 3),
+               peak_above_models_gib=peak)
+
+
+def run(plan: Plan, out: Path) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    configure_environment(plan, workdir)
+    report = Report(out)
+    device_stage(report)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+    from weights.libraries import prepare_libraries
+
+    prepare_libraries()
+    generator, store = setup_stage(report, plan, workdir)
+    from script._benchmark_phases import synthetic_loras
+
+    (workdir / "loras").mkdir()
+    loras = synthetic_loras(store.meta_transformer("dev"), workdir / "loras")
+    rows = Rows(report, plan, generator, loras)
+    for model in ("dev", "schnell"):
+        for go_fast, compiled in ((False, False), (True, False), (True, True)):
+            if compiled:
+                if plan.cpu:
+                    report.add("setup", f"setup: no compiled rows for {model}-fp8 (nothing compiles on CPU)")
+                    continue
+                compile_stage(report, generator, model)
+            rows.row(model, go_fast, compiled, None)
+            rows.row(model, go_fast, compiled, loras[0])
+            rows.switch(model, go_fast, compiled)
+    vae_stage(report, plan, generator)
+    report.add("done", f"done in {time.perf_counter() - report.started:.1f}s; figures in {report.path}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="script/gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="the 1/1/1 real-width model at 256x256 on CPU (a test)")
+    parser.add_argument("--quick", action="store_true", help="one measured run per row instead of 3")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / ".cache" / "gpu-check"),
+                        help="where gpu_check.json goes (default: $OUT, else .cache/gpu-check)")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        parser.error("no CUDA device; --cpu runs the check on the CPU")
+    run(Plan(cpu=args.cpu, quick=args.quick), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
