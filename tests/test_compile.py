@@ -11,8 +11,6 @@ load round trip runs the real inductor, on a tiny module.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
 import pytest
 import torch
@@ -337,27 +335,6 @@ def test_a_compile_failure_at_warm_up_falls_back_to_eager(fresh_pipeline, monkey
     assert not is_compiled(fresh_pipeline.transformer)
     assert "running without compile" in caplog.text
     _request_like_generate(fresh_pipeline, 256, 256, images=1)  # serves eagerly
-
-
-def test_a_warm_up_takes_turns_with_requests(fresh_pipeline):
-    """Each warm-up call holds the lock it is given, so while a request holds it (flux/generate.py) the warm-up
-    runs nothing: they share the scheduler, tokenizers and text encoders."""
-    steps = []
-    hook = fresh_pipeline.transformer.register_forward_hook(lambda *_: steps.append(1))
-    lock = threading.Lock()
-    try:
-        with lock:  # a request is denoising
-            warming = threading.Thread(
-                target=fast_compile.warm_up, args=(fresh_pipeline, [(256, 256)]),
-                kwargs=dict(max_sequence_length=TEXT_LENGTH, batch_sizes=(1,), exclusive=lock),
-            )
-            warming.start()
-            time.sleep(0.5)
-            assert warming.is_alive() and steps == []
-        warming.join(timeout=60)
-        assert not warming.is_alive() and len(steps) == 1
-    finally:
-        hook.remove()
 
 
 # --- the persistent compile cache --------------------------------------------------------------------------

@@ -162,26 +162,21 @@ def warm_up(
     *,
     max_sequence_length: int,
     batch_sizes: Sequence[int] = WARM_UP_BATCH_SIZES,
-    exclusive: contextlib.AbstractContextManager | None = None,
 ) -> float:
     """One denoising step at each size and batch size through the real pipeline call, so that every compile
     happens now and not in a user's request. Returns the seconds taken.
 
     The call matches FluxGenerator's: txt2img, under inference_mode, guidance only when the transformer has a
-    guidance embedding. Dynamo guards on such details, so a different call would compile again later.
-
-    exclusive: held around each call (e.g. the pipelines' lock, when others may use the shared scheduler,
-    tokenizers and text encoders meanwhile)."""
-    exclusive = exclusive or contextlib.nullcontext()
+    guidance embedding. Dynamo guards on such details, so a different call would compile again later."""
     started = time.perf_counter()
     guidance = {"guidance_scale": 3.5} if pipeline.transformer.config.guidance_embeds else {}
-    with torch.inference_mode(), exclusive:
+    with torch.inference_mode():
         prompt_embeds, pooled_prompt_embeds, _ = pipeline.encode_prompt(
             prompt="warm-up", prompt_2=None, max_sequence_length=max_sequence_length
         )
     for width, height, batch in [(*size, batch) for size in sizes for batch in batch_sizes]:
         size_started = time.perf_counter()
-        with torch.inference_mode(), exclusive:
+        with torch.inference_mode():
             pipeline(
                 prompt_embeds=prompt_embeds.repeat(batch, 1, 1),
                 pooled_prompt_embeds=pooled_prompt_embeds.repeat(batch, 1),
@@ -201,16 +196,15 @@ def _graphs_captured() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _warm_up_checked(pipeline, *, max_sequence_length: int, label: str, exclusive) -> float:
+def _warm_up_checked(pipeline, *, max_sequence_length: int, label: str) -> float:
     """warm_up at warm_up_sizes(); if the size that should reuse the graphs compiled, every request size too."""
     first, check = warm_up_sizes()
-    seconds = warm_up(pipeline, [first], max_sequence_length=max_sequence_length, exclusive=exclusive)
+    seconds = warm_up(pipeline, [first], max_sequence_length=max_sequence_length)
     before = _graphs_captured()
-    seconds += warm_up(pipeline, [check], max_sequence_length=max_sequence_length, exclusive=exclusive)
+    seconds += warm_up(pipeline, [check], max_sequence_length=max_sequence_length)
     if _graphs_captured() > before:
         log.warning("%s: a new image size compiled again; warming up every request size", label)
-        seconds += warm_up(pipeline, every_request_size(), max_sequence_length=max_sequence_length,
-                           exclusive=exclusive)
+        seconds += warm_up(pipeline, every_request_size(), max_sequence_length=max_sequence_length)
     return seconds
 
 
@@ -267,9 +261,7 @@ def save_compile_cache(file: Path) -> int:
     return len(data)
 
 
-def compile_for_serving(
-    pipeline, *, max_sequence_length: int, label: str, exclusive: contextlib.AbstractContextManager | None = None
-) -> CompileReport:
+def compile_for_serving(pipeline, *, max_sequence_length: int, label: str) -> CompileReport:
     """At setup, for one txt2img pipeline on CUDA: load the compile cache, compile the transformer's blocks, warm
     them up so no request compiles, and save the cache. Does nothing on CPU or with FLUX_COMPILE=0. If the
     warm-up fails, the transformer runs eagerly (logged) rather than failing setup."""
@@ -291,8 +283,7 @@ def compile_for_serving(
     before = {name: counters["inductor"][name] for name in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
     graphs_before = _graphs_captured()
     try:
-        warm_up_s = _warm_up_checked(pipeline, max_sequence_length=max_sequence_length, label=label,
-                                     exclusive=exclusive)
+        warm_up_s = _warm_up_checked(pipeline, max_sequence_length=max_sequence_length, label=label)
     except Exception:
         uncompile_transformer(transformer)
         log.exception("%s: torch.compile failed during warm-up; running without compile", label)
