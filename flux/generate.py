@@ -64,16 +64,16 @@ class FluxGenerator:
             )
         self.device = pick_device()
         self.dtype = pick_dtype(self.device)
-        resident = resident_variants(go_fast_default)
+        resident, plan = resident_variants(go_fast_default), {}
         if self.device.type == "cuda" and not weights.tiny:
-            from flux.fast.memory import fit_to_gpu
-
-            resident = fit_to_gpu(resident, torch.cuda.get_device_properties(self.device).total_memory)
+            plan = _memory_plan(resident, go_fast_default, torch.cuda.get_device_properties(self.device).total_memory)
+            resident = plan.pop("resident")
+        originals_budget = plan.pop("originals_budget", None)
         store = store or WeightsFolder(weights.dev, weights.schnell)
-        self.pipelines = FluxPipelines(store, self.device, self.dtype, resident=resident)
+        self.pipelines = FluxPipelines(store, self.device, self.dtype, resident=resident, **plan)
         with phase("Loading the safety checker"):
             self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)
-        self.loras = LoraState(self.pipelines, default_lora)
+        self.loras = LoraState(self.pipelines, default_lora, originals_budget=originals_budget)
         if default_lora:
             log.info("Loading the default main LoRA (used when replicate_weights is empty)")
             self.loras.preload_default()
@@ -171,6 +171,22 @@ class FluxGenerator:
     def _remove_last_output_dir(self) -> None:
         if self._last_out_dir is not None:
             shutil.rmtree(self._last_out_dir, ignore_errors=True)
+
+
+def _memory_plan(wanted: tuple[Variant, ...], go_fast_default: bool, gpu_total: int) -> dict:
+    """The GPU memory plan's decisions, as FluxPipelines and LoraState take them (flux/fast/memory.py). Refuses
+    setup, naming the GPU's size and what would fit, when the deployed class cannot be served here."""
+    from flux.fast.memory import HOST, UNAVAILABLE, fit_to_gpu
+    from lora.apply import OriginalsBudget
+
+    plan = fit_to_gpu(wanted, gpu_total, go_fast_default=go_fast_default)
+    return dict(
+        resident=plan.resident,
+        unavailable=frozenset(Variant.parse(v) for v in plan.variants(UNAVAILABLE)),
+        t5_on_host=plan.t5 == HOST,
+        vae_tiling=getattr(plan, "vae_tiling", False),
+        originals_budget=OriginalsBudget(plan.lora_originals_gpu),
+    )
 
 
 def _wait(future: Future) -> object:

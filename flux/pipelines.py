@@ -24,8 +24,11 @@ import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, FluxTransformer2DModel
 
 import settings
+from errors import UserError
 from flux.fast.compile import compile_for_serving
 from flux.fast.quantize import build_fp8_transformer, fp8_config
+from flux.offload import offload_between_calls
+from flux.vae import configure_vae
 from flux.variants import MODELS, Variant
 from weights.store import ModelStore, TensorSource, flux_transformer
 
@@ -59,12 +62,22 @@ class FluxPipelines:
 
     Methods taking a variant also accept a model name ("dev" = dev-bf16) or a name like "schnell-fp8"."""
 
-    def __init__(self, store: ModelStore, device: torch.device, dtype: torch.dtype, resident: tuple[Variant, ...]):
-        """resident: the variants built now and kept (flux/variants.py resident_variants)."""
+    def __init__(
+        self, store: ModelStore, device: torch.device, dtype: torch.dtype, resident: tuple[Variant, ...], *,
+        unavailable: frozenset[Variant] = frozenset(), t5_on_host: bool = False, vae_tiling: bool = False,
+    ):
+        """resident: the variants built now and kept (flux/variants.py resident_variants). From the GPU memory
+        plan: unavailable variants (no room for them here), T5 waiting in host memory between requests, and
+        whether the VAE decodes large images in tiles (flux/vae.py)."""
         started = time.perf_counter()
         self.store, self.device, self.dtype, self.resident = store, device, dtype, resident
+        self.unavailable = unavailable
         self.fp8_config = fp8_config(device, dtype)  # also what LoRAs on fp8 are re-quantised with
-        self._shared = store.shared_components(device, dtype)
+        host = torch.device("cpu")
+        self._shared = store.shared_components(device, dtype, t5_device=host if t5_on_host else None)
+        if t5_on_host:
+            offload_between_calls(self._shared["text_encoder_2"], device)  # flux/offload.py
+        configure_vae(self._shared["vae"], tiling=vae_tiling)
         self._schedulers = {model: store.scheduler(model) for model in MODELS}
         self._sources: dict[str, TensorSource] = {}
         self._transformers: dict[Variant, FluxTransformer2DModel] = {}
@@ -107,6 +120,8 @@ class FluxPipelines:
     def transformer(self, variant: Variant | str) -> FluxTransformer2DModel:
         """The variant's transformer, building it first if it is not in memory."""
         variant = _as_variant(variant)
+        if variant in self.unavailable:
+            raise UserError(_unavailable_message(variant))
         if variant not in self._transformers:
             if self._on_demand is not None:
                 self._drop(self._on_demand)  # first, so two non-resident transformers never coexist
@@ -144,6 +159,13 @@ class FluxPipelines:
             self._pipes[key] = base if mode == "txt2img" else MODES[mode].from_pipe(base)
             self._pipes[key].set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
         return self._pipes[key]
+
+
+def _unavailable_message(variant: Variant) -> str:
+    if variant.fp8:
+        return f"go_fast: FLUX {variant} does not fit on this server's GPU (its memory plan has no room for it); run with go_fast=false."
+    return (f"go_fast: FLUX {variant} does not fit on this server's GPU, and this request needs it (go_fast=false, or an "
+            "image, a mask or aspect_ratio=custom, which run in bf16); use go_fast=true without those.")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

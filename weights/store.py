@@ -44,8 +44,8 @@ class ModelStore(Protocol):
 
     def transformer_tensors(self, model: str) -> TensorSource: ...
 
-    def shared_components(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        """text_encoder, text_encoder_2, tokenizer, tokenizer_2 and vae, on `device`."""
+    def shared_components(self, device: torch.device, dtype: torch.dtype, *, t5_device: torch.device | None = None) -> dict[str, Any]:
+        """text_encoder, text_encoder_2 (T5; on t5_device when given), tokenizer, tokenizer_2 and vae, on `device`."""
         ...
 
     def scheduler(self, model: str) -> Any: ...
@@ -127,16 +127,17 @@ class WeightsFolder:
     def transformer_tensors(self, model: str) -> SafetensorsFolder:
         return SafetensorsFolder(self._dirs[model] / "transformer")
 
-    def shared_components(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        """Each component loaded straight onto `device` (device_map), not to the host first and copied after."""
+    def shared_components(self, device: torch.device, dtype: torch.dtype, *, t5_device: torch.device | None = None) -> dict[str, Any]:
+        """Each component loaded straight onto its device (device_map), not to the host first and copied after."""
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         root = self._dirs["dev"]
         place = {"device_map": str(device)}
+        t5_place = {"device_map": str(t5_device or device)}
         return {
             "text_encoder": CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **place),
-            "text_encoder_2": T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=dtype, **place),
+            "text_encoder_2": T5EncoderModel.from_pretrained(root / "text_encoder_2", dtype=dtype, **t5_place),
             "tokenizer": CLIPTokenizer.from_pretrained(root / "tokenizer"),
             "tokenizer_2": T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
             "vae": AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, **place),
