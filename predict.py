@@ -1,9 +1,10 @@
-"""The Cog layer: the input schemas of the Replicate FLUX LoRA pages, one class per schema variant.
+"""The Cog layer: the input schemas of the Replicate FLUX LoRA pages, one runner class per schema variant.
 
 - Predictor: the trained-FLUX-LoRA page (go_fast off by default). cog.yaml names it.
 - FastPredictor: the same page with go_fast on by default.
 - LegacyPredictor: the older flux-fine-tuner page (no image, mask, go_fast, megapixels or extra LoRA).
-Point cog.yaml's `predict` at the one you deploy, then run script/schema.
+Point cog.yaml's `run:` at the one you deploy, then run script/schema. These use cog's names since 0.20 (BaseRunner,
+run()); the file and the class names stay, so `cog predict` and existing references keep working.
 
 Defaults, bounds and descriptions are literals in each signature because cog reads this file statically (so the
 variants repeat them); flux/request.py holds the same bounds (`limits` below, so that an in-process call keeps to the
@@ -15,12 +16,12 @@ import sys
 import time
 from typing import List, Optional
 
-from cog import BasePredictor, Input, Path
+from cog import BaseRunner, Input, Path
 
 from flux.request import LEGACY_LIMITS, LIMITS, build_request
 
 
-class Predictor(BasePredictor):
+class Predictor(BaseRunner):
     limits = LIMITS
     go_fast_default = False  # the signature's go_fast default (a test checks they agree): decides the resident variants
 
@@ -41,7 +42,7 @@ class Predictor(BasePredictor):
         self.generator = FluxGenerator.for_deployment(weights, go_fast_default=self.go_fast_default)
         logging.getLogger(__name__).info("Setup took %.2fs", time.perf_counter() - started)
 
-    def predict(
+    def run(
         self,
         prompt: str = Input(description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image."),
         image: Optional[Path] = Input(
@@ -132,7 +133,7 @@ class FastPredictor(Predictor):
 
     go_fast_default = True
 
-    def predict(
+    def run(
         self,
         prompt: str = Input(description="Prompt for generated image. If you include the `trigger_word` used in the training process you are more likely to activate the trained object, style, or concept in the resulting image."),
         image: Optional[Path] = Input(
@@ -218,7 +219,7 @@ class LegacyPredictor(Predictor):
 
     limits = LEGACY_LIMITS  # lora_scale up to 2
 
-    def predict(
+    def run(
         self,
         prompt: str = Input(description="Prompt for generated image"),
         aspect_ratio: str = Input(

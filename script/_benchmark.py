@@ -1,6 +1,6 @@
 """CPU benchmark on the tiny weights. Every figure is a ratio of two timings taken in this one run.
 
-P1  predict() end to end (safety + encoding included) / a bare diffusers FluxPipeline call
+P1  run() end to end (safety + encoding included) / a bare diffusers FluxPipeline call
     (1024x1024, 4 steps, 1 output).                                                        Goal <= 1.10
 P2  request with an already-fused LoRA / the same request without LoRA.                    Goal <= 1.05
 P3  requests alternating two cached LoRAs / requests without LoRA.                         Goal <= 1.20
@@ -8,7 +8,7 @@ P4  parallel ranged download / single stream, local server throttled per connect
 P5  cold setup (fresh process: import predict + Predictor.setup) / cold bare
     (fresh process: import diffusers + FluxPipeline.from_pretrained).                      Goal <= 1.3
     Also printed: the same two without process start and imports (warm, in-process).
-P6  HTTP round trip through coglet / in-process predict().                                 Goal <= 1.10
+P6  HTTP round trip through coglet / in-process run().                                     Goal <= 1.10
 The two sides of each ratio are interleaved and the medians of the repeats are used, as this machine is noisy.
 
 --gpu prints per-phase times of real predictions instead (script/_benchmark_phases.py): on CUDA with the real
@@ -109,7 +109,7 @@ def main() -> int:
         return lambda: predict_with_defaults(predictor, **REQUEST, **extra)
 
     bare_call(), our_predict()()  # warm-up
-    report("P1", "predict() end to end / bare FluxPipeline call", *interleave(args.repeats, our_predict(), bare_call), "<= 1.10")
+    report("P1", "run() end to end / bare FluxPipeline call", *interleave(args.repeats, our_predict(), bare_call), "<= 1.10")
 
     # --- P2, P3: LoRAs ---
     from tests.fixtures.lora_factory import make_spec, write_layout
@@ -169,7 +169,7 @@ def main() -> int:
                     overheads.append(time.perf_counter() - started - body["metrics"]["predict_time"])
 
                 http_call()
-                report("P6", "HTTP round trip through coglet / in-process predict()", *interleave(args.repeats, http_call, our_predict()), "<= 1.10")
+                report("P6", "HTTP round trip through coglet / in-process run()", *interleave(args.repeats, http_call, our_predict()), "<= 1.10")
                 print(f"    HTTP + coglet overhead per request (wall - server predict_time): {statistics.median(overheads) * 1000:.1f} ms")
             finally:
                 stop_cog_server(server)

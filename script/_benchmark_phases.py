@@ -9,7 +9,7 @@ and says so: CPU figures say nothing about a GPU.
 Phases are timed by wrapping, in this process only, the functions each phase runs (CUDA synchronised at
 each edge): text encoding = the pipeline's encode_prompt, VAE decode = AutoencoderKL.decode, denoising = from
 the end of text encoding to the start of decoding, safety = SafetyChecker.check, file encoding = save_images
-(it runs beside the safety check, so the two overlap), LoRA = LoraState.prepare, total = predict() end to end.
+(it runs beside the safety check, so the two overlap), LoRA = LoraState.prepare, total = Predictor.run() end to end.
 Each row is the median of --repeats runs after one unmeasured run (which loads, compiles and fetches).
 """
 

@@ -1,4 +1,4 @@
-"""Writes .cog/openapi_schema.json from predict.py's signature, following the rules cog's CLI applies.
+"""Writes .cog/openapi_schema.json from the run() signature in predict.py, following the rules cog's CLI applies.
 
 cog build would normally generate this file; without Docker we generate it from the same source of truth, and
 coglet validates inputs against it. `--check` exits 1 when the committed file is stale.
@@ -52,15 +52,15 @@ def _title(name: str) -> str:
     return " ".join(part.capitalize() for part in name.split("_"))
 
 
-def input_schema(predict: typing.Callable) -> tuple[dict, dict]:
+def input_schema(run: typing.Callable) -> tuple[dict, dict]:
     """The Input object schema and the enum components that its choice inputs reference."""
     from cog import FieldInfo
 
-    hints = typing.get_type_hints(predict)
+    hints = typing.get_type_hints(run)
     properties: dict[str, dict] = {}
     components: dict[str, dict] = {}
     required: list[str] = []
-    parameters = [p for p in inspect.signature(predict).parameters.values() if p.name != "self"]
+    parameters = [p for p in inspect.signature(run).parameters.values() if p.name != "self"]
     for order, parameter in enumerate(parameters):
         info = parameter.default if isinstance(parameter.default, FieldInfo) else FieldInfo(default=parameter.default)
         if info.default is inspect.Parameter.empty:
@@ -101,12 +101,12 @@ def input_schema(predict: typing.Callable) -> tuple[dict, dict]:
     return schema, components
 
 
-def output_schema(predict: typing.Callable) -> dict:
-    return {**_type_schema(typing.get_type_hints(predict)["return"]), "title": "Output"}
+def output_schema(run: typing.Callable) -> dict:
+    return {**_type_schema(typing.get_type_hints(run)["return"]), "title": "Output"}
 
 
 def openapi_document(predictor: type) -> dict:
-    inputs, enums = input_schema(predictor.predict)
+    inputs, enums = input_schema(predictor.run)
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}  # noqa: E731
     json_body = lambda name: {"content": {"application/json": {"schema": ref(name)}}}  # noqa: E731
     ok = lambda name: {"description": "Successful Response", "content": {"application/json": {"schema": ref(name)}}}  # noqa: E731
@@ -137,7 +137,7 @@ def openapi_document(predictor: type) -> dict:
         "components": {
             "schemas": {
                 "Input": inputs,
-                "Output": output_schema(predictor.predict),
+                "Output": output_schema(predictor.run),
                 "Status": {"title": "Status", "description": "An enumeration.", "enum": ["starting", "processing", "succeeded", "canceled", "failed"], "type": "string"},
                 "WebhookEvent": {"title": "WebhookEvent", "description": "An enumeration.", "enum": ["start", "output", "logs", "completed"], "type": "string"},
                 "PredictionRequest": {

@@ -1,8 +1,8 @@
 """Calling a predictor the way cog does, for script/predict and the tests (predict.py stays the schema only).
 
-- `predictor_ref()`: the class cog.yaml deploys (`predict:`), e.g. "predict.py:Predictor".
+- `predictor_ref()`: the class cog.yaml deploys (`run:`), e.g. "predict.py:Predictor".
 - `load_predictor(ref)`: that class, imported from its file.
-- `predict_with_defaults(predictor, **inputs)`: predict() with omitted inputs at their declared defaults.
+- `predict_with_defaults(predictor, **inputs)`: run() with omitted inputs at their declared defaults.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def predictor_ref() -> str:
-    """The predictor cog.yaml deploys (`predict:` or `run:`), which is the one the schema file describes."""
+    """The predictor cog.yaml deploys (`run:`, or the deprecated `predict:`), the one the schema file describes."""
     import yaml
 
     config = yaml.safe_load((ROOT / "cog.yaml").read_text())
-    return config.get("predict") or config["run"]
+    return config.get("run") or config["predict"]
 
 
 def load_predictor(ref: str) -> type:
@@ -38,10 +38,10 @@ def load_predictor(ref: str) -> type:
 
 
 def predict_with_defaults(predictor: object, **inputs: object) -> list:
-    """Call predict() as cog would: omitted inputs take their declared defaults (not FieldInfo objects)."""
-    parameters = inspect.signature(predictor.predict).parameters
+    """Call run() as cog would: omitted inputs take their declared defaults (not FieldInfo objects)."""
+    parameters = inspect.signature(predictor.run).parameters
     unknown = sorted(set(inputs) - set(parameters))
     if unknown:
         raise ValueError(f"unknown input(s) {', '.join(unknown)}; valid inputs: {', '.join(parameters)}")
     resolved = {name: inputs[name] if name in inputs else parameter.default.default for name, parameter in parameters.items()}
-    return predictor.predict(**resolved)
+    return predictor.run(**resolved)

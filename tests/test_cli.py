@@ -68,7 +68,7 @@ def test_predict_builds_and_validates_the_class_cog_yaml_names(tmp_path):
     copy = tmp_path / "project"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "tests", "*_cache", "__pycache__"))
     config = (copy / "cog.yaml").read_text()
-    assert 'predict: "predict.py:Predictor"' in config
+    assert 'run: "predict.py:Predictor"' in config
     (copy / "cog.yaml").write_text(config.replace("predict.py:Predictor", "predict.py:LegacyPredictor"))
     cases = [
         (["-i", "prompt=x", "-i", "lora_scale=2.5"], "lora_scale: 2.5 is greater than the maximum of 2"),

@@ -1,4 +1,4 @@
-"""go_fast through predict(): the fp8 variant runs and stays close to bf16, the fallbacks run bf16 and say
+"""go_fast through run(): the fp8 variant runs and stays close to bf16, the fallbacks run bf16 and say
 why, LoRAs work on fp8 (an extra_lora alone too), and the scale settings act in one place."""
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def test_a_file_in_an_allowed_folder_and_an_upload_are_read(server, folders):
 
 def test_coglet_itself_fetches_image_urls_on_private_addresses(server, image_host):
     """Documents a limit we cannot fix in the predictor (README, Security): coglet downloads `image` URLs before
-    predict() runs, with no private-address guard, and hands over only the saved file. Even with private URLs
+    run() starts, with no private-address guard, and hands over only the saved file. Even with private URLs
     off, a loopback image URL is fetched. Operators must block private ranges with an egress policy."""
     url = image_host.add("/private.png", png_bytes())
     body = server.predict(input={**GOOD, "image": url}).json()
@@ -134,7 +134,7 @@ def test_coglet_itself_fetches_image_urls_on_private_addresses(server, image_hos
 
 
 def test_a_cancel_during_coglets_image_download_waits_for_the_download(server, image_host):
-    """Documents a coglet limit (README, Security): coglet downloads `image` URLs before predict() starts, and a
+    """Documents a coglet limit (README, Security): coglet downloads `image` URLs before run() starts, and a
     cancel does not stop that download; the slot stays busy while a slow host keeps sending (each read has
     coglet's 10 s timeout, the whole download none). Once the download ends the canceled prediction does not run
     and the next request succeeds. Here the host drips 40 bytes over about 8 s."""

@@ -84,7 +84,7 @@ def test_one_gpu_per_pod_weights_read_only_and_the_caches_on_a_shared_volume():
 STUB = '''
 import time
 from pathlib import Path
-from cog import BasePredictor
+from cog import BaseRunner
 
 
 def wait_for(name):
@@ -92,13 +92,13 @@ def wait_for(name):
         time.sleep(0.05)
 
 
-class Predictor(BasePredictor):
+class Predictor(BaseRunner):
     def setup(self):
         wait_for("setup-may-end")
         if Path("setup-fails").exists():
             raise RuntimeError("weights missing")
 
-    def predict(self, x: int = 1) -> int:
+    def run(self, x: int = 1) -> int:
         wait_for("prediction-may-end")
         return x
 '''

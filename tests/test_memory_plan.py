@@ -244,7 +244,7 @@ def test_deployed_classes_match_predict_py():
     for name, (go_fast_default, go_fast_input) in memory.DEPLOYED.items():
         cls = getattr(predict, name)
         assert cls.go_fast_default is go_fast_default, name
-        assert ("go_fast" in inspect.signature(cls.predict).parameters) is go_fast_input, name
+        assert ("go_fast" in inspect.signature(cls.run).parameters) is go_fast_input, name
 
 
 # --- the decision, on made-up sizes (pure arithmetic) ---------------------------------------------------------

@@ -149,7 +149,7 @@ class RecordingGenerator:
 
 
 def called(ref: str, **inputs):
-    """predict() of a variant, in process, with the model replaced by a recorder."""
+    """run() of a variant, in process, with the model replaced by a recorder."""
     predictor = load_predictor(ref)()
     predictor.generator = RecordingGenerator()
     predict_with_defaults(predictor, prompt="x", **inputs)
@@ -171,9 +171,25 @@ def test_cog_yaml_is_valid_against_cogs_config_schema():
     jsonschema.validate(config, json.loads((REFERENCE / "cog-config-schema-v1.0.json").read_text()))
     build = config["build"]
     assert build["gpu"] is True and build["python_version"] == "3.11"
-    assert config["predict"] == "predict.py:Predictor"
+    assert config["run"] == "predict.py:Predictor" and "predict" not in config  # cog >= 0.20: one or the other
     # torch 2.11.0 wheels are built for CUDA 12.6, 12.8 and 13.0
     assert build["cuda"] in ("12.6", "12.8", "13.0")
+
+
+def test_cog_loads_every_class_without_deprecation_warnings():
+    """Through cog's own loader, in a fresh process (it re-imports predict.py): BaseRunner and run(), no old names."""
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from cog.predictor import load_predictor_from_ref\n"
+        f"    for ref in {VARIANTS!r}:\n"
+        "        load_predictor_from_ref(ref)\n"
+        "print([f'{w.category.__name__}: {w.message}' for w in caught])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_one_pinned_list_and_cog_uses_it():
@@ -191,6 +207,6 @@ def test_each_class_states_its_go_fast_default_as_its_signature_does(name):
     import predict
 
     cls = getattr(predict, name)
-    parameter = inspect.signature(cls.predict).parameters.get("go_fast")
+    parameter = inspect.signature(cls.run).parameters.get("go_fast")
     signature_default = parameter.default.default if parameter is not None else False
     assert cls.go_fast_default is signature_default

@@ -194,3 +194,13 @@ def test_extra_lora_from_a_local_server_through_coglet(cog_server, file_server, 
     broken = cog_server.predict(input={**request, "extra_lora": sdxl}).json()
     assert broken["status"] == "failed" and "extra_lora" in broken["error"]
     assert cog_server.predict(input=request).json()["output"] == plain["output"]
+
+
+def test_coglet_sets_up_the_runner_without_deprecation_lines(cog_server):
+    """cog >= 0.20 names: BaseRunner, run() and cog.yaml's `run:`. With the old ones (BasePredictor, predict())
+    coglet 0.23.1 logs two DeprecationWarnings and its own "predict() is deprecated" line at every setup."""
+    body = cog_server.predict(input={"prompt": "x", **FAST}).json()
+    assert body["status"] == "succeeded", body
+    everything = cog_server.logs() + body["logs"]
+    assert "Setup complete" in everything  # the setup section is there to be read
+    assert [line for line in everything.splitlines() if "deprecat" in line.lower()] == []
