@@ -79,7 +79,7 @@ class FluxGenerator:
             self.loras.preload_default()
         self._last_out_dir: Path | None = None
         atexit.register(self._remove_last_output_dir)  # the last request's files go when the process does
-        # cog calls predict() on a new thread each time; torch's CPU thread pool is per calling thread, so
+        # cog calls run() on a new thread each time; torch's CPU thread pool is per calling thread, so
         # running all model work on one long-lived thread avoids building a new pool per request (~10% on CPU)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flux-compute")
         self._cancel = threading.Event()

@@ -1,6 +1,6 @@
 """Which files a request may hand us as `image` or `mask`, and reading them without hanging or revealing anything.
 
-cog's server passes a file input to predict() as a path. For a URL or a data URI it first saves the bytes with
+cog's server passes a file input to run() as a path. For a URL or a data URI it first saves the bytes with
 `tempfile.NamedTemporaryFile` into `tempfile.gettempdir()`; any other string arrives as a path, unchecked. So:
 
 - `claim_upload_folder()` (once, at setup) points this process's temp folder at a new private folder, removed at
