@@ -23,13 +23,12 @@ import logging
 import shutil
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import settings
 from errors import UserError
 from lora.download.cache import FileCache, file_lock
-from lora.download.checks import unsafe_member_name
+from lora.download.checks import checked_members
 from lora.download.config import DownloadSettings
 from lora.download.downloader import Cancelled, Downloader
 from lora.download.errors import DownloadError
@@ -126,7 +125,7 @@ def extract_folder_tar(tar_path: Path, staging: Path, *, folder: str, label: str
     with archive:
         try:
             # the "data" filter also refuses what escapes `staging` and drops odd permission bits
-            archive.extractall(staging, members=_checked_members(archive, label), filter="data")
+            archive.extractall(staging, members=checked_members(archive, what=f"{INPUT_NAME}: {label}", max_members=MAX_MEMBERS), filter="data")
         except tarfile.TarError as error:
             raise UserError(f"{INPUT_NAME}: {label} is damaged or truncated ({error})") from None
     entries = list(staging.iterdir())
@@ -135,15 +134,3 @@ def extract_folder_tar(tar_path: Path, staging: Path, *, folder: str, label: str
     return staging
 
 
-def _checked_members(archive: tarfile.TarFile, label: str) -> Iterator[tarfile.TarInfo]:
-    """The archive's entries, each checked before it is extracted; the first bad one refuses the whole tar."""
-    for count, member in enumerate(archive, start=1):
-        if count > MAX_MEMBERS:
-            raise UserError(f"{INPUT_NAME}: {label} has more than {MAX_MEMBERS} entries")
-        if unsafe_member_name(member.name):
-            raise UserError(f"{INPUT_NAME}: {label} has an unsafe entry name {member.name!r}")
-        if member.issym() or member.islnk():
-            raise UserError(f"{INPUT_NAME}: {label} has a link ({member.name!r}); links are refused")
-        if member.issparse() or not (member.isfile() or member.isdir()):
-            raise UserError(f"{INPUT_NAME}: {label} has a special entry ({member.name!r}: device, fifo, sparse...)")
-        yield member

@@ -140,17 +140,7 @@ def extract_single_safetensors(
         candidates: list[tarfile.TarInfo] = []
         refused_formats: list[str] = []
         try:
-            for count, member in enumerate(_members(archive), start=1):
-                if count > max_members:
-                    raise UserError(f"{input_name}: the tar archive has more than {max_members} entries")
-                if unsafe_member_name(member.name):
-                    raise UserError(f"{input_name}: the tar archive has an unsafe entry name {member.name!r}")
-                if member.issym() or member.islnk():
-                    raise UserError(f"{input_name}: the tar archive has a link ({member.name!r}); links are refused")
-                if not (member.isfile() or member.isdir()):
-                    raise UserError(
-                        f"{input_name}: the tar archive has a special entry ({member.name!r}: device, fifo...)"
-                    )
+            for member in checked_members(archive, what=f"{input_name}: the tar archive", max_members=max_members):
                 lower = member.name.lower()
                 if member.isfile() and lower.endswith(".safetensors"):
                     candidates.append(member)
@@ -183,8 +173,20 @@ def extract_single_safetensors(
     return dest
 
 
-def _members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    member = archive.next()
+def checked_members(archive: tarfile.TarFile, *, what: str, max_members: int) -> Iterator[tarfile.TarInfo]:
+    """The archive's entries, each checked before anyone uses it: the first bad one refuses the whole tar with
+    `what` ("extra_lora: the tar archive") naming it. No absolute or '..' names, no links, devices, fifos or
+    sparse files, at most max_members entries. The LoRA tars and the weights tars (weights/remote.py) share it."""
+    member, count = archive.next(), 0
     while member is not None:
+        count += 1
+        if count > max_members:
+            raise UserError(f"{what} has more than {max_members} entries")
+        if unsafe_member_name(member.name):
+            raise UserError(f"{what} has an unsafe entry name {member.name!r}")
+        if member.issym() or member.islnk():
+            raise UserError(f"{what} has a link ({member.name!r}); links are refused")
+        if member.issparse() or not (member.isfile() or member.isdir()):
+            raise UserError(f"{what} has a special entry ({member.name!r}: device, fifo, sparse...)")
         yield member
         member = archive.next()
