@@ -31,6 +31,7 @@ from flux.fast.memory import (
     plan_memory,
 )
 from flux.fast.quantize import fp8_config, is_quantised_linear, quantise_weight
+from flux.vae import tiling_pays
 from flux.variants import Variant
 from weights.real_configs import TRANSFORMER
 from weights.tiny.flux import tiny_transformer
@@ -148,6 +149,7 @@ def test_each_class_on_each_gpu(plans, real_sizes, gpu, name):
     assert (plan.variants(RESIDENT), plan.variants(LAZY), plan.variants(UNAVAILABLE), plan.t5) == (resident, lazy, unavailable, t5)
     assert plan.peak <= plan.budget == gpu * GIB - memory.CUDA_CONTEXT
     assert plan.setup_peak <= plan.budget and plan.max_bf16_copies <= 1
+    assert not tiling_pays(plan.activations)  # one untiled 1440x1440 decode fits the room kept for activations
     assert plan.slot == max((real_sizes.variants[v] for v in lazy), default=0)
     # originals: for each variant that may be in memory at once; GPU room first, the rest pinned on the host
     in_memory = resident + ([max(lazy, key=real_sizes.variants.get)] if lazy else [])
