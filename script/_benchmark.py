@@ -239,7 +239,7 @@ def plan_json(plan) -> dict[str, object]:
 
     return dict(
         fits=plan.fits, error=plan.error, resident=plan.variants(RESIDENT), lazy=plan.variants(LAZY),
-        unavailable=plan.variants(UNAVAILABLE), t5=plan.t5, lora_originals=plan.lora_originals,
+        unavailable=plan.variants(UNAVAILABLE), t5=plan.t5, vae_tiling=plan.vae_tiling, lora_originals=plan.lora_originals,
         lora_originals_gpu_gib=in_gib(plan.lora_originals_gpu), lora_originals_host_gib=in_gib(plan.lora_originals_host),
         host_pinned_gib=in_gib(plan.host_pinned), budget_gib=in_gib(plan.budget), peak_gib=in_gib(plan.peak),
         slot_gib=in_gib(plan.slot), activations_gib=in_gib(plan.activations), setup_peak_gib=in_gib(plan.setup_peak),

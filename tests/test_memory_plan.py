@@ -31,7 +31,6 @@ from flux.fast.memory import (
     plan_memory,
 )
 from flux.fast.quantize import fp8_config, is_quantised_linear, quantise_weight
-from flux.vae import tiling_pays
 from flux.variants import Variant
 from weights.real_configs import TRANSFORMER
 from weights.tiny.flux import tiny_transformer
@@ -149,7 +148,7 @@ def test_each_class_on_each_gpu(plans, real_sizes, gpu, name):
     assert (plan.variants(RESIDENT), plan.variants(LAZY), plan.variants(UNAVAILABLE), plan.t5) == (resident, lazy, unavailable, t5)
     assert plan.peak <= plan.budget == gpu * GIB - memory.CUDA_CONTEXT
     assert plan.setup_peak <= plan.budget and plan.max_bf16_copies <= 1
-    assert not tiling_pays(plan.activations)  # one untiled 1440x1440 decode fits the room kept for activations
+    assert not plan.vae_tiling  # one untiled 1440x1440 decode fits the room kept for activations
     assert plan.slot == max((real_sizes.variants[v] for v in lazy), default=0)
     # originals: for each variant that may be in memory at once; GPU room first, the rest pinned on the host
     in_memory = resident + ([max(lazy, key=real_sizes.variants.get)] if lazy else [])
@@ -210,6 +209,9 @@ def test_fit_to_gpu_returns_the_plan_setup_follows(real_sizes, plan_settings):
     # FLUX_RESIDENT_VARIANTS decides what is wanted resident, not what the class must serve
     plan = fit_to_gpu([Variant("schnell")], 80 * GIB, go_fast_default=False, sizes=real_sizes)
     assert plan.variants(RESIDENT)[0] == "schnell-bf16" and plan.fits
+    # an operator's small reserve leaves too little room for one untiled 1440x1440 decode: the VAE tiles
+    plan_settings.setenv("FLUX_GPU_RESERVE_GB", "2")
+    assert fit_to_gpu(fast, 80 * GIB, go_fast_default=True, sizes=real_sizes).vae_tiling
 
 
 def test_setup_refuses_a_gpu_too_small_with_one_sentence(real_sizes, plan_settings):

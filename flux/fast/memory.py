@@ -11,8 +11,8 @@ may ask for, those it wants resident), pure arithmetic on those sizes:
 - CLIP, the VAE and the safety checker are on the GPU, once for all variants; `reserve` stays free for activations.
 - T5 (8.87 GiB) stays on the GPU when the class fits with it there; otherwise it waits in pinned host memory and
   is copied in for each request's encoding (9.5 GB at about 25 GB/s: 0.4 s) while no activations are held, in the
-  reserve's room. fp8 weight-only T5 would save the copy but hold 4.4 GiB for good, which 24 GiB does not have
-  beside an fp8 transformer and the reserve (26.8 GiB), and change every request's pixels: never chosen.
+  reserve's room. fp8 weight-only T5 would save the copy but hold 4.56 GiB for good, which 24 GiB does not have
+  beside an fp8 transformer and the reserve (27.0 GiB), and change every request's pixels: never chosen.
 - Every variant a request may ask for that fits alone beside those is servable; the others are unavailable. The
   servable ones, wanted first, are resident while one `slot` for any other still fits beside them; a variant
   outside the resident set is built from the checkpoint into the slot when asked for (lazy).
@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import settings
+from flux.vae import tiling_pays
 from flux.variants import MODELS, Variant, default_resident
 from weights.real_configs import (  # the real configs: built on meta here to count bytes
     CLIP_TEXT,
@@ -55,6 +56,7 @@ BUDGET_WITHOUT_GPU = 79 * GIB  # one 80 GB H100 (79.6 GiB visible to torch), les
 
 # bytes per element of each component as safety/checker.py and flux/pipelines.py load them on CUDA
 BF16, FP16, FP32 = 2, 2, 4
+T5 = "T5 XXL encoder (bf16)"  # its key in Sizes.shared
 
 
 # --- counting ----------------------------------------------------------------------------------------------
@@ -106,9 +108,6 @@ def build_on_meta() -> dict[str, object]:
         )
         models["safety-stage2"] = ViTForImageClassification(ViTConfig(**SAFETY_STAGE2))
     return models
-
-
-T5 = "T5 XXL encoder (bf16)"
 
 
 @dataclass(frozen=True)
@@ -231,6 +230,11 @@ class MemoryPlan:
     @property
     def fits(self) -> bool:
         return self.error is None
+
+    @property
+    def vae_tiling(self) -> bool:
+        """Whether the VAE must tile: the activation room cannot hold one untiled 1440x1440 decode (flux/vae.py)."""
+        return tiling_pays(self.activations)
 
     @property
     def warm_slot(self) -> Variant | None:
@@ -386,14 +390,9 @@ def budgets_from_settings(gpu_total: int | None = None) -> dict[str, int]:
 def plans_by_gpu(sizes: Sizes) -> dict[int, dict[str, MemoryPlan]]:
     """Each deployed class's plan on each GPU of GPU_SIZES_GIB (FLUX_GPU_RESERVE_GB applies; the budget is each
     GPU's total less the CUDA context)."""
-    reserve = budgets_from_settings()["reserve"]
-    return {
-        size: {
-            name: plan_memory(sizes, demand_for(*flags), budget=size * GIB - CUDA_CONTEXT, reserve=reserve, gpu_total=size * GIB)
-            for name, flags in DEPLOYED.items()
-        }
-        for size in GPU_SIZES_GIB
-    }
+    reserve, budgets = budgets_from_settings()["reserve"], {size: size * GIB - CUDA_CONTEXT for size in GPU_SIZES_GIB}
+    return {size: {name: plan_memory(sizes, demand_for(*flags), budget=budget, reserve=reserve, gpu_total=size * GIB)
+                   for name, flags in DEPLOYED.items()} for size, budget in budgets.items()}
 
 
 def gib(count: int) -> str:
