@@ -49,7 +49,8 @@ class FluxGenerator:
         from flux.lora_state import default_main_lora
 
         claim_upload_folder()  # cog saves URL and data-URI inputs there; request file paths elsewhere are refused
-        paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
+        with phase("Finding and checking the weights"):  # fetches missing folders first (their own log lines)
+            paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
         return cls(paths, default_lora=default_main_lora(setup_weights), go_fast_default=go_fast_default)
 
     def __init__(self, weights: WeightPaths, default_lora: str | None = None, *, go_fast_default: bool = False,
@@ -71,12 +72,11 @@ class FluxGenerator:
         originals_budget = plan.pop("originals_budget", None)
         store = store or WeightsFolder(weights.dev, weights.schnell)
         self.pipelines = FluxPipelines(store, self.device, self.dtype, resident=resident, **plan)
-        with phase("Loading the safety checker"):
-            self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)
+        self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)  # logs its time
         self.loras = LoraState(self.pipelines, default_lora, originals_budget=originals_budget)
         if default_lora:
-            log.info("Loading the default main LoRA (used when replicate_weights is empty)")
-            self.loras.preload_default()
+            with phase("Loading the default main LoRA (used when replicate_weights is empty)"):
+                self.loras.preload_default()
         self._last_out_dir: Path | None = None
         atexit.register(self._remove_last_output_dir)  # the last request's files go when the process does
         # cog calls run() on a new thread each time; torch's CPU thread pool is per calling thread, so

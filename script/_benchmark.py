@@ -14,6 +14,8 @@ The two sides of each ratio are interleaved and the medians of the repeats are u
 --gpu prints per-phase times of real predictions instead (script/_benchmark_phases.py): on CUDA with the real
 weights; without CUDA the same table on the tiny weights, smaller. --memory-plan prints the GPU memory plans of
 every deployed class on 16, 24, 48, 80 and 141 GiB (flux/fast/memory.py), --memory-plan --json as one JSON object.
+--load prints P7 (setup's peak RSS / the bytes it holds) and P8 (load throughput / a plain read of the same files)
+at the real widths on CPU, each side in a fresh process (script/_benchmark_load.py).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def cold_process(code: str) -> Callable[[], None]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None, help="per figure (default: 5; --gpu: 3 on CUDA, 2 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="per figure (default: 5; --gpu: 3 on CUDA, 2 on CPU; --load: 3)")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="per-phase times of real predictions (see above)")
     parser.add_argument("--lora", action="append", help="--gpu: a LoRA file (twice for the switch; default: synthetic)")
@@ -73,9 +75,14 @@ def main() -> int:
     parser.add_argument("--schnell-steps", type=int, help="--gpu: schnell steps (default: 4 on CUDA, 2 on CPU)")
     parser.add_argument("--memory-plan", action="store_true", help="print the GPU memory plans and stop")
     parser.add_argument("--json", action="store_true", help="--memory-plan: one JSON object instead of tables")
+    parser.add_argument("--load", action="store_true", help="P7 and P8 at real widths on CPU, and stop (see above)")
     args = parser.parse_args()
     if args.memory_plan:
         return print_memory_plan(args.json)
+    if args.load:
+        from script import _benchmark_load
+
+        return _benchmark_load.main(args.repeats or 3)
     if args.gpu:
         from script import _benchmark_phases
 

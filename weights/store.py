@@ -59,10 +59,14 @@ class SafetensorsFolder:
 
         self.folder = Path(folder)
         self._file_of: dict[str, Path] = {}
+        self._last_of: dict[Path, str] = {}  # each shard's last tensor in names() order
         self._handles: dict[Path, Any] = {}  # one open (memory-mapped) handle per shard, not one per tensor
         for file in sorted(self.folder.glob("*.safetensors")):
-            self._handles[file] = safe_open(file, framework="pt")
-            self._file_of.update(dict.fromkeys(self._handles[file].keys(), file))
+            with safe_open(file, framework="pt") as handle:
+                names = list(handle.keys())
+            self._file_of.update(dict.fromkeys(names, file))
+            if names:
+                self._last_of[file] = names[-1]
         if not self._file_of:
             raise FileNotFoundError(f"no .safetensors files in {self.folder}")
 
@@ -70,7 +74,17 @@ class SafetensorsFolder:
         return list(self._file_of)
 
     def read(self, name: str, device: torch.device | str, dtype: torch.dtype) -> Tensor:
-        tensor = self._handles[self._file_of[name]].get_tensor(name)
+        from safetensors import safe_open
+
+        file = self._file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        tensor = self._handles[file].get_tensor(name)
+        if name == self._last_of[file]:
+            # A pass over the shard is done: unmap it, or every page read stays in our RSS for as long as this
+            # source is kept (a real-width CPU setup: peak RSS 1.31x the bytes it holds, 1.04x unmapped).
+            # The next read maps it again.
+            del self._handles[file]
         return tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
 
 
