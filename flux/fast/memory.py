@@ -1,14 +1,15 @@
 """The GPU memory plan: what each component of the real FLUX.1 weighs, and which variants fit on one GPU.
 
 Sizes are counted, not guessed: `real_sizes()` builds the real-size transformer, T5, CLIP, VAE and both safety
-models on the `meta` device (no weights, no memory) from the configs below and adds up their parameters and
+models on the `meta` device (no weights, no memory) from weights/real_configs.py and adds up their parameters and
 buffers in the dtype each runs in. fp8 counts what flux/fast/quantize.py makes of a transformer: 1 byte per
 weight of the Linear layers it quantises (those inside the double and single blocks) plus one float32 scale
 per output row; everything else stays bf16.
 
 `plan_memory()` is the decision for one deployed class (`Demand`: the variants it must serve, those a request
 may ask for, those it wants resident), pure arithmetic on those sizes:
-- CLIP, the VAE and the safety checker are on the GPU, once for all variants; `reserve` stays free for activations.
+- CLIP, the VAE and the safety checker are on the GPU, once for all variants; `reserve` stays free for activations
+  (the VAE tiles only where that room cannot hold one untiled 1440x1440 decode: `vae_tiling`, flux/vae.py).
 - T5 (8.87 GiB) stays on the GPU when the class fits with it there; otherwise it waits in pinned host memory and
   is copied in for each request's encoding (9.5 GB at about 25 GB/s: 0.4 s) while no activations are held, in the
   reserve's room. fp8 weight-only T5 would save the copy but hold 4.56 GiB for good, which 24 GiB does not have
@@ -25,8 +26,7 @@ may ask for, those it wants resident), pure arithmetic on those sizes:
 - setup never holds two full bf16 copies of one transformer (bf16 is loaded once, to one place; fp8 is built
   from the checkpoint tensor by tensor); the plan lists the setup steps with the copies alive after each.
 
-Units are bytes; tables print GiB (GPU memory is sized in binary units: an "80 GB" H100 has 80 GiB, of which
-torch reports 79.6 GiB; the default budget for planning without a GPU is 79 GiB).
+Units are bytes; tables print GiB (an "80 GB" H100 has 80 GiB, 79.6 seen by torch; without a GPU the budget is 79).
 """
 
 from __future__ import annotations
