@@ -24,6 +24,7 @@ from flux.request import LEGACY_LIMITS, LIMITS, build_request
 class Predictor(BaseRunner):
     limits = LIMITS
     go_fast_default = False  # the signature's go_fast default (a test checks they agree): decides the resident variants
+    has_go_fast = True  # whether the signature has a go_fast input (the GPU memory plan counts fp8 only if so)
 
     def setup(self, weights: Optional[str] = None) -> None:
         started = time.perf_counter()
@@ -39,7 +40,7 @@ class Predictor(BaseRunner):
         from flux.generate import FluxGenerator  # here, so that reading the schema (script/schema) loads no torch
 
         logging.getLogger(__name__).info("Imports took %.2fs", time.perf_counter() - started)
-        self.generator = FluxGenerator.for_deployment(weights, go_fast_default=self.go_fast_default)
+        self.generator = FluxGenerator.for_deployment(weights, go_fast_default=self.go_fast_default, has_go_fast=self.has_go_fast)
         logging.getLogger(__name__).info("Setup took %.2fs", time.perf_counter() - started)
 
     def run(
@@ -218,6 +219,7 @@ class LegacyPredictor(Predictor):
     """The older flux-fine-tuner page (replicate_weights is its hidden x-order 12)."""
 
     limits = LEGACY_LIMITS  # lora_scale up to 2
+    has_go_fast = False
 
     def run(
         self,

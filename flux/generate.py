@@ -42,7 +42,7 @@ class FluxGenerator:
     """Holds the loaded models; `run` turns a validated request into image files."""
 
     @classmethod
-    def for_deployment(cls, setup_weights: str | None, *, go_fast_default: bool) -> FluxGenerator:
+    def for_deployment(cls, setup_weights: str | None, *, go_fast_default: bool, has_go_fast: bool = True) -> FluxGenerator:
         """What cog's setup() builds: the weights this machine should run (downloaded or checked first), and
         the main LoRA the deployment names (cog's setup weights, else FLUX_DEFAULT_LORA)."""
         from flux.inputs import claim_upload_folder
@@ -51,11 +51,12 @@ class FluxGenerator:
         claim_upload_folder()  # cog saves URL and data-URI inputs there; request file paths elsewhere are refused
         with phase("Finding and checking the weights"):  # fetches missing folders first (their own log lines)
             paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
-        return cls(paths, default_lora=default_main_lora(setup_weights), go_fast_default=go_fast_default)
+        return cls(paths, default_lora=default_main_lora(setup_weights), go_fast_default=go_fast_default, has_go_fast=has_go_fast)
 
     def __init__(self, weights: WeightPaths, default_lora: str | None = None, *, go_fast_default: bool = False,
-                 store: ModelStore | None = None):
-        """go_fast_default: the deployed schema's default, which decides the resident variants (flux/variants.py).
+                 has_go_fast: bool = True, store: ModelStore | None = None):
+        """go_fast_default: the deployed schema's default, which decides the resident variants (flux/variants.py);
+        has_go_fast: whether its schema has a go_fast input at all (the GPU memory plan counts fp8 only then).
         store: where the FLUX components come from (default: the weights' folders; script/gpu_check passes
         synthetic weights made on the GPU)."""
         if weights.tiny:
@@ -67,11 +68,14 @@ class FluxGenerator:
         self.dtype = pick_dtype(self.device)
         resident, plan = resident_variants(go_fast_default), {}
         if self.device.type == "cuda" and not weights.tiny:
-            plan = _memory_plan(resident, go_fast_default, torch.cuda.get_device_properties(self.device).total_memory)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            plan = _memory_plan(resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast)
             resident = plan.pop("resident")
-        originals_budget = plan.pop("originals_budget", None)
+        originals_budget, warm = plan.pop("originals_budget", None), plan.pop("warm", None)
         store = store or WeightsFolder(weights.dev, weights.schnell)
         self.pipelines = FluxPipelines(store, self.device, self.dtype, resident=resident, **plan)
+        if warm is not None:
+            self.pipelines.transformer(warm)  # nothing fits resident: the most wanted waits in the slot
         self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)  # logs its time
         self.loras = LoraState(self.pipelines, default_lora, originals_budget=originals_budget)
         if default_lora:
@@ -173,19 +177,20 @@ class FluxGenerator:
             shutil.rmtree(self._last_out_dir, ignore_errors=True)
 
 
-def _memory_plan(wanted: tuple[Variant, ...], go_fast_default: bool, gpu_total: int) -> dict:
+def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default: bool, has_go_fast: bool) -> dict:
     """The GPU memory plan's decisions, as FluxPipelines and LoraState take them (flux/fast/memory.py). Refuses
     setup, naming the GPU's size and what would fit, when the deployed class cannot be served here."""
     from flux.fast.memory import HOST, UNAVAILABLE, fit_to_gpu
     from lora.apply import OriginalsBudget
 
-    plan = fit_to_gpu(wanted, gpu_total, go_fast_default=go_fast_default)
+    plan = fit_to_gpu(wanted, gpu_total, go_fast_default=go_fast_default, go_fast_input=has_go_fast)
     return dict(
         resident=plan.resident,
         unavailable=frozenset(Variant.parse(v) for v in plan.variants(UNAVAILABLE)),
         t5_on_host=plan.t5 == HOST,
-        vae_tiling=getattr(plan, "vae_tiling", False),
+        vae_tiling=plan.vae_tiling,
         originals_budget=OriginalsBudget(plan.lora_originals_gpu),
+        warm=plan.warm_slot,
     )
 
 

@@ -239,3 +239,15 @@ def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weigh
     assert not torch.equal(rebuilt.x_embedder.weight, fresh_fp8(tiny_weights.dev).x_embedder.weight)
     state.prepare(build_request(prompt="x", go_fast=True), Variant("dev", "fp8"))
     assert_same_weights(rebuilt, fresh_fp8(tiny_weights.dev))
+
+
+def test_a_variant_the_memory_plan_has_no_room_for_is_refused_naming_go_fast(tiny_weights):
+    from errors import UserError
+    from flux.pipelines import FluxPipelines
+
+    store = WeightsFolder(tiny_weights.dev, tiny_weights.schnell)
+    pipelines = FluxPipelines(store, CPU, FP32, resident=(Variant("dev", "fp8"),), unavailable=frozenset({Variant("dev")}))
+    with pytest.raises(UserError, match=r"go_fast: FLUX dev-bf16 does not fit .* use go_fast=true"):
+        pipelines.get("dev", "img2img")
+    assert not pipelines.is_loaded("dev")  # refused before anything was built
+    assert is_fp8(pipelines.transformer("dev-fp8").transformer_blocks[0].attn.to_q.weight)

@@ -210,3 +210,4 @@ def test_each_class_states_its_go_fast_default_as_its_signature_does(name):
     parameter = inspect.signature(cls.run).parameters.get("go_fast")
     signature_default = parameter.default.default if parameter is not None else False
     assert cls.go_fast_default is signature_default
+    assert cls.has_go_fast is (parameter is not None)
