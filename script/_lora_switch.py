@@ -47,6 +47,9 @@ class StateDictSource:
     def names(self) -> list[str]:
         return list(self._tensors)
 
+    def tensor(self, name: str):
+        return self._tensors[name]
+
     def read(self, name, device, dtype):
         tensor = self._tensors[name]
         return tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
@@ -73,19 +76,18 @@ def full_coverage_lora(transformer: nn.Module, seed: int) -> LoraWeights:
 
 class Floor:
     """One copy of every touched weight in the model dtype, and every B@A: the least an exact switch does. Into
-    buffers allocated once, as the fuser writes into the existing weights (fresh allocations would time page
-    faults, not the work)."""
+    one buffer per weight allocated once, as the fuser writes into the existing weights (fresh allocations would
+    time page faults, not the work)."""
 
     def __init__(self, source: StateDictSource, lora: LoraWeights):
         self.lora = lora
-        self.originals = [source.read(path.removeprefix("transformer.") + ".weight", "cpu", torch.float32) for path in lora.deltas]
-        self.copies = [torch.empty_like(weight) for weight in self.originals]
-        self.products = [torch.empty_like(weight) for weight in self.originals]
+        self.originals = [source.tensor(path.removeprefix("transformer.") + ".weight") for path in lora.deltas]
+        self.scratch = [torch.empty_like(weight) for weight in self.originals]
 
     def __call__(self) -> None:
-        for original, copy, product, delta in zip(self.originals, self.copies, self.products, self.lora.deltas.values(), strict=True):
-            copy.copy_(original)
-            torch.mm(delta.up, delta.down, out=product)
+        for original, scratch, delta in zip(self.originals, self.scratch, self.lora.deltas.values(), strict=True):
+            scratch.copy_(original)
+            torch.mm(delta.up, delta.down, out=scratch)
 
 
 def timed(action) -> float:
