@@ -25,10 +25,11 @@ from pathlib import Path
 
 import settings
 from errors import UserError
+from units import MiB
 
-MAX_INPUT_BYTES = 200 * 2**20  # far above any image under the 50 MP pixel cap
+MAX_INPUT_BYTES = 200 * MiB  # far above any image under the 50 MP pixel cap
 READ_DEADLINE_S = 30.0
-_CHUNK = 2**20
+_CHUNK = MiB
 
 _upload_folder: Path | None = None
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 import settings
 from flux.vae import tiling_pays
 from flux.variants import MODELS, Variant, default_resident
+from units import GiB
 from weights.real_configs import (  # the real configs: built on meta here to count bytes
     CLIP_TEXT,
     GUIDANCE_EMBEDS,
@@ -51,7 +52,7 @@ from weights.real_configs import (  # the real configs: built on meta here to co
 
 log = logging.getLogger(__name__)
 
-GIB = 1024**3
+GIB = GiB  # units.py; the name the plan's callers and tests use
 BUDGET_WITHOUT_GPU = 79 * GIB  # one 80 GB H100 (79.6 GiB visible to torch), less room for the CUDA context
 
 # bytes per element of each component as safety/checker.py and flux/pipelines.py load them on CUDA

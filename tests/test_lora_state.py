@@ -1,0 +1,37 @@
+"""flux/lora_state.py: who chose a LoRA decides where it may come from, not what its string equals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from errors import UserError
+from flux.lora_state import LoraState
+from flux.pipelines import FluxPipelines
+from flux.request import build_request
+from flux.variants import Variant
+from tests.fixtures.lora_factory import make_spec, write_layout
+from weights.store import WeightsFolder
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_weights):
+    store = WeightsFolder(tiny_weights.dev, tiny_weights.schnell)
+    return FluxPipelines(store, torch.device("cpu"), torch.float32, resident=(Variant("dev"),))
+
+
+def test_a_request_naming_the_deployments_lora_path_is_still_a_request(pipelines, tmp_path, monkeypatch):
+    """The deployment's default LoRA is the operator's choice and may be any local file; a request whose
+    replicate_weights is the same string is the user's, and local paths outside FLUX_LORA_LOCAL_DIRS are refused."""
+    monkeypatch.delenv("FLUX_LORA_LOCAL_DIRS", raising=False)
+    transformer = pipelines.transformer("dev")
+    baked = write_layout("diffusers", make_spec(transformer, seed=5, magnitude=0.2), transformer, tmp_path / "baked.safetensors")
+    state = LoraState(pipelines, default_main=str(baked))
+    before = transformer.transformer_blocks[0].attn.to_q.weight.clone()
+
+    state.prepare(build_request(prompt="x"))  # no replicate_weights: the deployment's LoRA, read from its path
+    assert not torch.equal(transformer.transformer_blocks[0].attn.to_q.weight, before)
+    with pytest.raises(UserError, match="replicate_weights: .*FLUX_LORA_LOCAL_DIRS"):
+        state.prepare(build_request(prompt="x", replicate_weights=str(baked)))
+    state.prepare(build_request(prompt="x", lora_scale=0))
+    assert torch.equal(transformer.transformer_blocks[0].attn.to_q.weight, before)
