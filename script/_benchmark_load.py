@@ -4,8 +4,8 @@ P7  setup's peak RSS, less that of a bare interpreter with the same imports, ove
     and buffers of the modules it holds (fp32 on CPU).                                   Goal <= 1.3
 P8  load throughput (the .safetensors bytes setup loads / the seconds setup takes after its imports) over a
     plain read of the same files in 8 MiB chunks.                                         Goal >= 0.7
-    Also printed: the same tensors read and cast to the load's dtype, nothing else (the floor of a load into
-    fresh memory), so that the loader's own overhead shows apart from the cast.
+    Also printed, to tell the loader's own cost from the memory it must fill: the same tensors read and cast to
+    the load's dtype and nothing else, and the same fresh memory only allocated and filled (no read at all).
 
 The weights are the real-width folder (tests/fixtures/real_width_folder.py: real configs, 1 double + 1 single
 block + 1 T5 layer), built on first use. Every side runs in a fresh process (Predictor.setup, as cog runs it),
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 8 << 20
-SIDES = ("setup", "bare", "read", "cast")
+SIDES = ("setup", "bare", "read", "cast", "fill")
 
 
 def main(repeats: int) -> int:
@@ -51,9 +51,10 @@ def main(repeats: int) -> int:
     print(f"P8  load {file_bytes / setup['load_s'] / 1e9:.2f} GB/s ({setup['load_s']:.2f}s) / plain read "
           f"{file_bytes / median['read']['read_s'] / 1e9:.2f} GB/s ({median['read']['read_s']:.2f}s) "
           f"-> {median['read']['read_s'] / setup['load_s']:5.2f}  (goal >= 0.7)")
-    print(f"    cast floor: read + cast to {runs['setup'][0]['dtype']} into fresh memory {median['cast']['cast_s']:.2f}s -> "
-          f"load / floor {setup['load_s'] / median['cast']['cast_s']:.2f}, floor / plain read "
-          f"{median['read']['read_s'] / median['cast']['cast_s']:.2f}; imports {setup['imports_s']:.2f}s (not in P8)")
+    read_s, cast_s, fill_s = median["read"]["read_s"], median["cast"]["cast_s"], median["fill"]["fill_s"]
+    print(f"    floors: every tensor read and cast to {runs['setup'][0]['dtype']} into fresh memory {cast_s:.2f}s (load / that "
+          f"{setup['load_s'] / cast_s:.2f}); the same fresh memory only filled, nothing read, {fill_s:.2f}s (plain read / "
+          f"that {read_s / fill_s:.2f}); imports {setup['imports_s']:.2f}s (not in P8)")
     return 0
 
 
@@ -80,10 +81,10 @@ def run_child(side: str, root: Path) -> dict[str, object]:
     imports_s = time.perf_counter() - started
     if side == "bare":
         return {"peak_rss": peak_rss()}
-    if side == "cast":
+    if side in ("cast", "fill"):
         from flux.pipelines import pick_device, pick_dtype
 
-        return {"cast_s": cast_all(root, pick_dtype(pick_device()))}
+        return {f"{side}_s": fresh_copies(root, pick_dtype(pick_device()), read=side == "cast")}
     from predict import Predictor
 
     predictor = Predictor()
@@ -132,19 +133,21 @@ def plain_read(root: Path) -> float:
     return time.perf_counter() - started
 
 
-def cast_all(root: Path, dtype) -> float:
-    """Every tensor of every file read and cast to `dtype`, and kept: the bytes a load must write, and no more."""
+def fresh_copies(root: Path, dtype, *, read: bool) -> float:
+    """Every tensor of every file in `dtype`, in fresh memory, and kept: read and cast (the bytes a load must write,
+    and no more), or only allocated and filled (what that fresh memory costs with nothing read)."""
+    import torch
     from safetensors import safe_open
 
     kept, started = [], time.perf_counter()
     for file in sorted(root.rglob("*.safetensors")):
         with safe_open(file, framework="pt") as handle:
-            kept += [cast(handle.get_tensor(name), dtype) for name in handle.keys()]
+            for name in handle.keys():
+                if read:
+                    kept.append(handle.get_tensor(name).to(dtype))
+                else:
+                    kept.append(torch.ones(handle.get_slice(name).get_shape(), dtype=dtype))
     return time.perf_counter() - started
-
-
-def cast(tensor, dtype):
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor.clone()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
