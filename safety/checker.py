@@ -70,12 +70,13 @@ class SafetyChecker:
             # from_pretrained would take a missing folder for a Hub repo id and try to download it
             if not Path(folder, "config.json").is_file():
                 raise FileNotFoundError(f"no safety checker model in {folder} (config.json is missing)")
-        stage1 = StableDiffusionSafetyChecker.from_pretrained(stage1_dir, dtype=stage1_dtype(device))
-        stage2 = AutoModelForImageClassification.from_pretrained(stage2_dir, dtype=torch.float32)
+        place = {"device_map": str(device)}  # straight onto the device, not to the host first and copied after
+        stage1 = StableDiffusionSafetyChecker.from_pretrained(stage1_dir, dtype=stage1_dtype(device), **place)
+        stage2 = AutoModelForImageClassification.from_pretrained(stage2_dir, dtype=torch.float32, **place)
         checker = cls(
-            stage1_model=stage1.to(device).eval(),
+            stage1_model=stage1.eval(),
             stage1_processor=AutoImageProcessor.from_pretrained(stage1_dir),
-            stage2_model=stage2.to(device).eval(),
+            stage2_model=stage2.eval(),
             stage2_processor=AutoImageProcessor.from_pretrained(stage2_dir),
             device=device,
         )
