@@ -32,11 +32,6 @@ class Predictor(BaseRunner):
         from weights.libraries import prepare_libraries
 
         prepare_libraries()  # before diffusers and transformers load: no import noise in the logs
-        from lora.download.redaction import install_redaction
-        from safety.checker import quiet_safety_checker_logs
-
-        install_redaction()  # no query string (a signed URL's signature) in the HTTP libraries' log lines
-        quiet_safety_checker_logs()
         from flux.generate import FluxGenerator  # here, so that reading the schema (script/schema) loads no torch
 
         logging.getLogger(__name__).info("Imports took %.2fs", time.perf_counter() - started)

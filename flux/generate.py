@@ -47,7 +47,11 @@ class FluxGenerator:
         the main LoRA the deployment names (cog's setup weights, else FLUX_DEFAULT_LORA)."""
         from flux.inputs import claim_upload_folder
         from flux.lora_state import default_main_lora
+        from lora.download.redaction import install_redaction
+        from safety.checker import quiet_safety_checker_logs
 
+        install_redaction()  # before any download: no query string (a signed URL's signature) in the HTTP libraries' logs
+        quiet_safety_checker_logs()
         claim_upload_folder()  # cog saves URL and data-URI inputs there; request file paths elsewhere are refused
         with phase("Finding and checking the weights"):  # fetches missing folders first (their own log lines)
             paths = resolve_weight_paths(cuda_available=pick_device().type == "cuda")
