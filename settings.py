@@ -51,7 +51,6 @@ _declare("FLUX_INPUT_LOCAL_DIRS", "", "folders a request's `image`/`mask` paths 
 # --- LoRAs ---------------------------------------------------------------------------------------------------
 _declare("FLUX_DEFAULT_LORA", "", "main LoRA when a request has none (after cog's setup weights, `COG_WEIGHTS`)")
 _declare("FLUX_LORA_MEMORY_SLOTS", "4", "converted LoRAs kept in memory")
-_declare("FLUX_LORA_BACKUP_DEVICE", "", "where original weights of LoRA-touched layers are kept (default: `cpu` on GPU)")
 _declare("FLUX_LORA_LOCAL_DIRS", "", "folders a request's local LoRA paths may come from (`:`-separated; unset: none)")
 _declare("FLUX_LORA_MAX_GB", "3", "largest LoRA file accepted")
 _declare("FLUX_LORA_CACHE_DIR", "~/.cache/flux/loras", "LoRA download cache")

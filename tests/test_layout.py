@@ -97,12 +97,29 @@ def test_settings_are_read_only_through_settings_py() -> None:
     assert offenders == []
 
 
-def test_every_setting_used_is_declared() -> None:
+def settings_read() -> set[str]:
     used = set()
     for path in project_modules():
         used |= set(re.findall(r"settings\.(?:text|number|flag|paths|is_set)\(\s*\"(\w+)\"", path.read_text()))
+    return used
+
+
+def test_every_setting_used_is_declared() -> None:
+    used = settings_read()
     assert used, "the pattern found no settings reads at all"
     assert sorted(used - set(settings.SETTINGS)) == []
+
+
+def test_every_declared_setting_is_read() -> None:
+    """A declared setting nothing reads would look built: an operator would set it and nothing would change.
+    A name passed on as a string literal (a host's base URL setting) counts as read."""
+    read_by_libraries = {"HF_TOKEN": "huggingface_hub reads it itself, for the Hub host only"}
+    source = "\n".join(path.read_text() for path in project_modules() if path.name != "settings.py")
+    unread = [
+        name for name in settings.SETTINGS
+        if name not in settings_read() | set(read_by_libraries) and not re.search(rf"[\"']{name}[\"']", source)
+    ]
+    assert unread == []
 
 
 def test_every_setting_is_in_the_readme_table() -> None:
