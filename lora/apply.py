@@ -20,8 +20,8 @@ is then bound by GPU memory bandwidth), the rest in pinned host memory in the mo
 without blocking and cast there (bound by PCIe, 2 bytes per weight). A plain LoRA term is fused by one
 `addmm_` into the working copy, so B@A is never materialised beside it.
 
-Extension point for fp8 (flux/fast/lora_fp8.py): override `snapshot`, `restore`, `original_as_float32` and
-`write_fused`, which are the only places that read or write a weight.
+Extension point for fp8 (flux/fast/lora_fp8.py): override `snapshot`, `restore`, `original_as_float32`,
+`working_copy` and `write_fused`, which are the only places that read or write a weight.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +153,8 @@ class LoraFuser:
             self._budget.give(self.kept_originals.get("cuda", 0))
         self._backups.clear()
 
-    def _restore_all(self, keep: Mapping[str, object] = {}) -> None:  # noqa: B006  (read only)
+    def _restore_all(self, keep: Container[str] = frozenset()) -> None:
+        """Restore every changed module except those in `keep` (which the caller is about to write)."""
         for path in [path for path in self._changed if path not in keep]:
             self.restore(self._module(path), self._backups[path])
             self._changed.discard(path)  # only once restored, so a failure can still restore it
