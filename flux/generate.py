@@ -75,11 +75,9 @@ class FluxGenerator:
             total = torch.cuda.get_device_properties(self.device).total_memory
             plan = _memory_plan(resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast)
             resident = plan.pop("resident")
-        originals_budget, warm = plan.pop("originals_budget", None), plan.pop("warm", None)
+        originals_budget = plan.pop("originals_budget", None)
         store = store or WeightsFolder(weights.dev, weights.schnell)
         self.pipelines = FluxPipelines(store, self.device, self.dtype, resident=resident, **plan)
-        if warm is not None:
-            self.pipelines.transformer(warm)  # nothing fits resident: the most wanted waits in the slot
         self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)  # logs its time
         self.loras = LoraState(self.pipelines, default_lora, originals_budget=originals_budget)
         if default_lora:

@@ -65,10 +65,12 @@ class FluxPipelines:
     def __init__(
         self, store: ModelStore, device: torch.device, dtype: torch.dtype, resident: tuple[Variant, ...], *,
         unavailable: frozenset[Variant] = frozenset(), t5_on_host: bool = False, vae_tiling: bool = False,
+        warm: Variant | None = None,
     ):
         """resident: the variants built now and kept (flux/variants.py resident_variants). From the GPU memory
-        plan: unavailable variants (no room for them here), T5 waiting in host memory between requests, and
-        whether the VAE decodes large images in tiles (flux/vae.py)."""
+        plan: unavailable variants (no room for them here), T5 waiting in host memory between requests, whether
+        the VAE decodes large images in tiles (flux/vae.py), and the variant that waits in the slot from setup
+        when none fits resident (built and compiled now, then dropped for the next one asked for)."""
         started = time.perf_counter()
         self.store, self.device, self.dtype, self.resident = store, device, dtype, resident
         self.unavailable = unavailable
@@ -86,7 +88,9 @@ class FluxPipelines:
         self._drop_listeners: list[Callable[[Variant], None]] = []
         log.info("Loaded the FLUX text encoders and VAE (%s, %s) in %.2fs", device.type, dtype_name(dtype), time.perf_counter() - started)
         for variant in resident:
-            self._transformers[variant] = self._build(variant)
+            self._transformers[variant] = self._build(variant, compile=True)
+        if warm is not None:
+            self._transformers[warm], self._on_demand = self._build(warm, compile=True), warm
 
     def on_drop(self, listener: Callable[[Variant], None]) -> None:
         """listener(variant) is called just before a variant's transformer is dropped, while it still exists."""
@@ -98,7 +102,7 @@ class FluxPipelines:
             self._sources[model] = self.store.transformer_tensors(model)
         return self._sources[model]
 
-    def _build(self, variant: Variant) -> FluxTransformer2DModel:
+    def _build(self, variant: Variant, compile: bool = False) -> FluxTransformer2DModel:
         started = time.perf_counter()
         config, source = self.store.transformer_config(variant.model), self.originals(variant.model)
         if variant.fp8:
@@ -106,9 +110,9 @@ class FluxPipelines:
         else:
             transformer = flux_transformer(config, source, self.device, self.dtype)
         log.info("Loaded FLUX %s in %.2fs", variant, time.perf_counter() - started)
-        if variant.fp8 and variant in self.resident:
-            # go_fast = fp8 + torch.compile (CUDA only, flux/fast/compile.py). Only resident variants: compiling
-            # and warming up a variant built for one request would cost that request minutes. bf16 runs eagerly.
+        if variant.fp8 and compile:
+            # go_fast = fp8 + torch.compile (CUDA only, flux/fast/compile.py). Only at setup: compiling and warming
+            # up a variant built for one request would cost that request minutes. bf16 runs eagerly.
             pipe = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
             pipe.set_progress_bar_config(disable=True)
             compile_for_serving(pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[variant.model], label=f"FLUX {variant}")

@@ -251,3 +251,13 @@ def test_a_variant_the_memory_plan_has_no_room_for_is_refused_naming_go_fast(tin
         pipelines.get("dev", "img2img")
     assert not pipelines.is_loaded("dev")  # refused before anything was built
     assert is_fp8(pipelines.transformer("dev-fp8").transformer_blocks[0].attn.to_q.weight)
+
+
+def test_with_nothing_resident_the_plans_warm_variant_waits_in_the_slot_and_gives_way(tiny_weights):
+    from flux.pipelines import FluxPipelines
+
+    store = WeightsFolder(tiny_weights.dev, tiny_weights.schnell)
+    pipelines = FluxPipelines(store, CPU, FP32, resident=(), warm=Variant("dev", "fp8"))
+    assert pipelines.is_loaded("dev-fp8")  # built at setup: the first request does not wait for it
+    pipelines.transformer("schnell-fp8")
+    assert pipelines.is_loaded("schnell-fp8") and not pipelines.is_loaded("dev-fp8")  # one slot, one variant
