@@ -186,12 +186,16 @@ def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default
     from lora.apply import OriginalsBudget
 
     plan = fit_to_gpu(wanted, gpu_total, go_fast_default=go_fast_default, go_fast_input=has_go_fast)
+    # the slot's room serves the LoRA originals too while no variant is built into it (flux/lora_state.py)
+    originals_budget = OriginalsBudget(plan.lora_originals_gpu, lendable=plan.slot)
+    if plan.warm_slot is not None:
+        originals_budget.shrink()  # setup builds the warm variant into the slot
     return dict(
         resident=plan.resident,
         unavailable=frozenset(Variant.parse(v) for v in plan.variants(UNAVAILABLE)),
         t5_on_host=plan.t5 == HOST,
         vae_tiling=plan.vae_tiling,
-        originals_budget=OriginalsBudget(plan.lora_originals_gpu),
+        originals_budget=originals_budget,
         warm=plan.warm_slot,
     )
 

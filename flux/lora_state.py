@@ -10,6 +10,7 @@ falls back to the deployment's default (see `default_main_lora`) when a request 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -51,6 +52,7 @@ class LoraState:
         self._converted: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
         self._fusers: dict[Variant, LoraFuser] = {}
         pipelines.on_drop(self._forget)
+        pipelines.on_slot(self._slot_in_use)
         configured_fused_scales([1.0], fp8=True)  # a bad FLUX_LORA_SCALE_CURVE or multiplier fails setup, not a request
 
     def requested(self, request: GenerationRequest) -> list[LoraSpec]:
@@ -114,3 +116,21 @@ class LoraState:
         fuser = self._fusers.pop(variant, None)
         if fuser is not None:
             fuser.release()
+
+    def _slot_in_use(self, in_use: bool) -> None:
+        """The slot's room is lent to GPU originals while no variant is built into it: take it back (moving the
+        originals it holds to pinned host memory) before one is, and lend it again once it is empty."""
+        budget = self._originals_budget
+        if budget is None:
+            return
+        if not in_use:
+            budget.grow()
+            return
+        excess, started = budget.shrink(), time.perf_counter()
+        freed = 0
+        for fuser in self._fusers.values():
+            if freed >= excess:
+                break
+            freed += fuser.demote(excess - freed)
+        if freed:
+            log.info("Moved %.1f GB of LoRA originals to host memory for the slot in %.2fs", freed / 1e9, time.perf_counter() - started)

@@ -86,6 +86,7 @@ class FluxPipelines:
         self._pipes: dict[tuple[Variant, str], FluxPipeline] = {}
         self._on_demand: Variant | None = None  # the one non-resident variant in memory, if any
         self._drop_listeners: list[Callable[[Variant], None]] = []
+        self._slot_listeners: list[Callable[[bool], None]] = []
         log.info("Loaded the FLUX text encoders and VAE (%s, %s) in %.2fs", device.type, dtype_name(dtype), time.perf_counter() - started)
         for variant in resident:
             self._transformers[variant] = self._build(variant, compile=True)
@@ -95,6 +96,11 @@ class FluxPipelines:
     def on_drop(self, listener: Callable[[Variant], None]) -> None:
         """listener(variant) is called just before a variant's transformer is dropped, while it still exists."""
         self._drop_listeners.append(listener)
+
+    def on_slot(self, listener: Callable[[bool], None]) -> None:
+        """listener(True) is called just before a variant is built into the slot (the room the memory plan keeps
+        for one non-resident variant), listener(False) once the slot is empty again."""
+        self._slot_listeners.append(listener)
 
     def originals(self, model: str) -> TensorSource:
         """The model's transformer tensors in the store (what fp8 is built from, and fp8 LoRAs are fused from)."""
@@ -130,6 +136,8 @@ class FluxPipelines:
             if self._on_demand is not None:
                 self._drop(self._on_demand)  # first, so two non-resident transformers never coexist
             log.info("FLUX %s is not resident (FLUX_RESIDENT_VARIANTS); building it now.", variant)
+            for listener in self._slot_listeners:
+                listener(True)
             self._transformers[variant] = self._build(variant)
             self._on_demand = variant
         return self._transformers[variant]
@@ -142,6 +150,8 @@ class FluxPipelines:
             del self._pipes[key]
         self._on_demand = None
         gc.collect()
+        for listener in self._slot_listeners:
+            listener(False)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         log.info("Dropped FLUX %s to make room for another variant.", variant)

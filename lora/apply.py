@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Container, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -56,20 +56,43 @@ class _Term:
     lora: LoraWeights  # the whole LoRA, for the parts of a fused layer (norm_group)
 
 
-class OriginalsBudget:
-    """GPU bytes that kept originals may still take (the memory plan's share for them), shared by the fusers."""
+def _pinned_copy(tensor: Tensor) -> Tensor:
+    """An exact host copy of a GPU tensor, in pinned memory (the GPU reads it back without a staging copy)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda")
+    return host.copy_(tensor)
 
-    def __init__(self, nbytes: int):
-        self.left = nbytes
+
+class OriginalsBudget:
+    """GPU bytes that kept originals may take, shared by the fusers: the memory plan's share for them, plus the
+    room it keeps for a variant built on demand (the slot) while that room is empty. `shrink` takes the lent room
+    back and says how many bytes of originals must leave the GPU first; `grow` lends it again."""
+
+    def __init__(self, nbytes: int, lendable: int = 0):
+        self.total, self.used, self.lendable, self.lent = nbytes + lendable, 0, lendable, True
+
+    @property
+    def left(self) -> int:
+        return self.total - self.used
 
     def take(self, nbytes: int) -> bool:
         if nbytes > self.left:
             return False
-        self.left -= nbytes
+        self.used += nbytes
         return True
 
     def give(self, nbytes: int) -> None:
-        self.left += nbytes
+        self.used -= nbytes
+
+    def shrink(self) -> int:
+        """Take the lent room back (a variant is about to be built into it): bytes of originals to move to the host."""
+        if self.lent:
+            self.total, self.lent = self.total - self.lendable, False
+        return max(0, self.used - self.total)
+
+    def grow(self) -> None:
+        """The slot is empty again: lend its room to the originals."""
+        if not self.lent:
+            self.total, self.lent = self.total + self.lendable, True
 
 
 class LoraFuser:
@@ -150,7 +173,7 @@ class LoraFuser:
         """reset(), then let go of the kept originals (when the model itself is about to be dropped)."""
         self.reset()
         if self._budget is not None:
-            self._budget.give(self.kept_originals.get("cuda", 0))
+            self._budget.give(sum(n for where, n in self.kept_originals.items() if where != "cpu"))
         self._backups.clear()
 
     def _restore_all(self, keep: Container[str] = frozenset()) -> None:
@@ -159,14 +182,33 @@ class LoraFuser:
             self.restore(self._module(path), self._backups[path])
             self._changed.discard(path)  # only once restored, so a failure can still restore it
 
+    def demote(self, nbytes: int) -> int:
+        """Move kept originals from the GPU to pinned host memory until `nbytes` are freed there (or none are
+        left on it); returns the bytes freed. The weights themselves do not change."""
+        freed = 0
+        for path, backup in list(self._backups.items()):
+            if freed >= nbytes:
+                break
+            on_device = [t for t in (backup.weight, backup.bias) if t is not None and t.device.type != "cpu"]
+            if not on_device:
+                continue
+            self._backups[path] = replace(backup, **{
+                field: _pinned_copy(tensor) for field, tensor in vars(backup).items()
+                if isinstance(tensor, Tensor) and tensor.device.type != "cpu"
+            })
+            moved = sum(t.nbytes for t in on_device)
+            freed += moved
+            if self._budget is not None:
+                self._budget.give(moved)
+        return freed
+
     def keep(self, tensor: Tensor, device: torch.device) -> Tensor:
         """An exact copy of `tensor` where the originals of weights on `device` live: on that device while the
         budget lasts (always, for the CPU), else in pinned host memory, which the GPU reads without staging."""
         tensor = tensor.detach()
         if device.type == "cpu" or self._budget is None or self._budget.take(tensor.nbytes):
             return tensor.to(device, copy=True)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-        return host.copy_(tensor)
+        return _pinned_copy(tensor)
 
     @staticmethod
     def float32_on(tensor: Tensor, device: torch.device) -> Tensor:

@@ -261,3 +261,21 @@ def test_with_nothing_resident_the_plans_warm_variant_waits_in_the_slot_and_give
     assert pipelines.is_loaded("dev-fp8")  # built at setup: the first request does not wait for it
     pipelines.transformer("schnell-fp8")
     assert pipelines.is_loaded("schnell-fp8") and not pipelines.is_loaded("dev-fp8")  # one slot, one variant
+
+
+def test_the_slot_is_announced_before_a_variant_is_built_into_it_and_when_it_is_empty_again(tiny_weights):
+    """LoRA state lends the slot's room to GPU originals while it is empty (flux/lora_state.py): it must hear of
+    the slot being taken before the build, so originals can leave the GPU first."""
+    from flux.pipelines import FluxPipelines
+
+    pipelines = FluxPipelines(WeightsFolder(tiny_weights.dev, tiny_weights.schnell), CPU, FP32, resident=(Variant("dev"),))
+    events = []
+    pipelines.on_slot(lambda in_use: events.append((in_use, sorted(map(str, pipelines._transformers)))))
+    pipelines.transformer("dev-fp8")
+    pipelines.transformer("schnell-fp8")
+    pipelines.transformer("dev")  # resident: the slot is not involved
+    assert events == [
+        (True, ["dev-bf16"]),  # before dev-fp8 is built
+        (False, ["dev-bf16"]),  # dev-fp8 dropped
+        (True, ["dev-bf16"]),  # before schnell-fp8 is built
+    ]

@@ -253,6 +253,17 @@ def test_the_gpu_budget_for_originals_is_shared_and_given_back():
     assert budget.left == 60
 
 
+def test_the_slots_room_is_lent_to_originals_and_taken_back():
+    budget = OriginalsBudget(100, lendable=50)
+    assert budget.take(130) and budget.left == 20  # the plan's share and the empty slot's room
+    assert budget.shrink() == 30  # a variant is built into the slot: 30 bytes of originals must leave the GPU
+    assert budget.shrink() == 30  # taking it back twice takes nothing more
+    budget.give(30)  # the fusers moved them to the host
+    assert budget.left == 0
+    budget.grow()
+    assert budget.left == 50
+
+
 # --- what the model computes --------------------------------------------------------------------------
 
 def _forward(transformer: nn.Module) -> torch.Tensor:

@@ -35,3 +35,17 @@ def test_a_request_naming_the_deployments_lora_path_is_still_a_request(pipelines
         state.prepare(build_request(prompt="x", replicate_weights=str(baked)))
     state.prepare(build_request(prompt="x", lora_scale=0))
     assert torch.equal(transformer.transformer_blocks[0].attn.to_q.weight, before)
+
+
+def test_lora_state_takes_the_slots_room_back_for_a_variant_and_lends_it_again(tiny_weights):
+    from lora.apply import OriginalsBudget
+
+    pipelines = FluxPipelines(WeightsFolder(tiny_weights.dev, tiny_weights.schnell), torch.device("cpu"), torch.float32,
+                              resident=(Variant("dev"),))
+    budget = OriginalsBudget(10, lendable=50)
+    LoraState(pipelines, originals_budget=budget)
+    assert budget.left == 60
+    pipelines.transformer("dev-fp8")  # built into the slot
+    assert budget.left == 10
+    pipelines.transformer("schnell-fp8")  # the slot changes hands: lent and taken back in between
+    assert budget.left == 10
