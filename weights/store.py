@@ -95,19 +95,25 @@ def materialise(
     """Fill a model built on the meta device from `source`, tensor by tensor, on `device`.
 
     transform(name, module, tensor) may replace a tensor as it arrives (the fp8 build quantises there), so
-    at most one source tensor exists beside the growing model. Every parameter must be in the source."""
+    at most one source tensor exists beside the growing model. Every parameter must be in the source, under its
+    first name; a tied parameter (T5's embedding) is read once and set under all of its names."""
     modules = dict(model.named_modules())
-    expected = {name for name, _ in model.named_parameters()}
-    missing = expected - set(source.names())
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    tied = {names[0]: names for names in names_of.values()}  # first name (as named_parameters() gives it) -> all
+    missing = set(tied) - set(source.names())
     if missing:
         raise ValueError(f"the weights lack {len(missing)} tensors of {type(model).__name__}, e.g. {sorted(missing)[0]}")
-    for name in [name for name in source.names() if name in expected]:
+    for name in [name for name in source.names() if name in tied]:
         module_name, _, attribute = name.rpartition(".")
-        module = modules[module_name]
         tensor = source.read(name, device, dtype)
         if transform is not None:
-            tensor = transform(name, module, tensor)
-        setattr(module, attribute, nn.Parameter(tensor, requires_grad=False))
+            tensor = transform(name, modules[module_name], tensor)
+        parameter = nn.Parameter(tensor, requires_grad=False)
+        for alias in tied[name]:
+            owner, _, alias_attribute = alias.rpartition(".")
+            setattr(modules[owner], alias_attribute, parameter)
     return model.eval()
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from weights.store import materialise
 from weights.synthetic.components import FULL_SIZE, Layers, component, components
 from weights.synthetic.values import SyntheticTensors
 
@@ -37,20 +38,13 @@ def build_synthetic_module(kind: str, device: torch.device | str, dtype: torch.d
 
 
 def fill(model: nn.Module, source: SyntheticTensors, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Replace every meta parameter with its drawn value on `device`, tied ones together (T5's embedding), and
-    the non-persistent buffers with what their constructors compute (CLIP's position ids)."""
-    aliases: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(parameter), []).append(name)
-    for names in aliases.values():
-        value = nn.Parameter(source.read(names[0], device, dtype), requires_grad=False)
-        for name in names:
-            module_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(module_name), attribute, value)
+    """Every meta parameter drawn on `device` (weights/store.py materialise, tied ones together), and the
+    non-persistent buffers set to what their constructors compute (CLIP's position ids)."""
+    materialise(model, source, device, dtype)
     for name, buffer in model.named_buffers():
         module_name, _, attribute = name.rpartition(".")
         model.get_submodule(module_name).register_buffer(attribute, _buffer_value(name, buffer, device), persistent=False)
-    return model.eval()
+    return model
 
 
 def _buffer_value(name: str, buffer: Tensor, device: torch.device) -> Tensor:
