@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from units import GB, MB, MiB  # noqa: F401  (GB: weights/remote.py imports it from here; units.py is its home)
+from units import MB, MiB
 
 log = logging.getLogger(__name__)
 
