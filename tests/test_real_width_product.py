@@ -18,7 +18,6 @@ from flux.pipelines import FluxPipelines
 from flux.variants import Variant
 from tests.fixtures.cog_server import start_cog_server, stop_cog_server
 from tests.fixtures.real_width_folder import LAYERS
-from weights.real_configs import CLIP_TEXT, GUIDANCE_EMBEDS, T5_XXL, TRANSFORMER, VAE
 from weights.store import WeightsFolder
 
 pytestmark = pytest.mark.real_width
@@ -27,20 +26,7 @@ CPU = torch.device("cpu")
 
 def truncated_on_meta() -> dict[str, nn.Module]:
     """The memory plan's models with the folder's layer counts: what flux/fast/memory.py counts, truncated."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    layers = dict(num_layers=LAYERS.double, num_single_layers=LAYERS.single)
-    models = build_on_meta()  # the safety models, whose layers the folder does not truncate
-    with torch.device("meta"):
-        models |= {
-            f"transformer-{model}": FluxTransformer2DModel(**{**TRANSFORMER, **layers}, guidance_embeds=GUIDANCE_EMBEDS[model])
-            for model in ("dev", "schnell")
-        }
-        models["t5"] = T5EncoderModel(T5Config(**{**T5_XXL, "num_layers": LAYERS.t5}))
-        models["clip"] = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT))
-        models["vae"] = AutoencoderKL(**VAE)
-    return models
+    return build_on_meta(LAYERS)
 
 
 def loaded_bytes(module: nn.Module) -> int:

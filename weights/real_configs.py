@@ -1,7 +1,7 @@
 """The real configs of FLUX.1's components: facts of the public checkpoints, in one place.
 
-flux/fast/memory.py builds these on the meta device to count bytes (tests/test_memory_plan.py checks the parameter
-counts); weights/synthetic/ writes them as the config files of a synthetic weights folder.
+weights/synthetic/components.py builds these on the meta device, for flux/fast/memory.py to count bytes
+(tests/test_memory_plan.py checks the parameter counts) and to write a synthetic weights folder.
 """
 
 from __future__ import annotations

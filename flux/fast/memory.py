@@ -39,16 +39,7 @@ import settings
 from flux.vae import tiling_pays
 from flux.variants import MODELS, Variant, default_resident
 from units import GiB
-from weights.real_configs import (  # the real configs: built on meta here to count bytes
-    CLIP_TEXT,
-    GUIDANCE_EMBEDS,
-    SAFETY_STAGE1_PROJECTION,
-    SAFETY_STAGE1_VISION,
-    SAFETY_STAGE2,
-    T5_XXL,
-    TRANSFORMER,
-    VAE,
-)
+from weights.synthetic.components import FULL_SIZE, Layers, components  # the real configs, built on meta
 
 log = logging.getLogger(__name__)
 
@@ -80,35 +71,10 @@ def module_bytes(module, bytes_per_element: int, *, fp8: Callable[[str, object],
     return total
 
 
-def build_on_meta() -> dict[str, object]:
-    """Every real-size model, on the meta device (no weights): transformers for dev and schnell, T5, CLIP, VAE and
-    the two safety stages."""
-    import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import (
-        CLIPConfig,
-        CLIPTextConfig,
-        CLIPTextModel,
-        T5Config,
-        T5EncoderModel,
-        ViTConfig,
-        ViTForImageClassification,
-    )
-
-    with torch.device("meta"):
-        models = {
-            f"transformer-{model}": FluxTransformer2DModel(**TRANSFORMER, guidance_embeds=GUIDANCE_EMBEDS[model])
-            for model in MODELS
-        }
-        models["t5"] = T5EncoderModel(T5Config(**T5_XXL))
-        models["clip"] = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT))
-        models["vae"] = AutoencoderKL(**VAE)
-        models["safety-stage1"] = StableDiffusionSafetyChecker(
-            CLIPConfig(vision_config=SAFETY_STAGE1_VISION, projection_dim=SAFETY_STAGE1_PROJECTION)
-        )
-        models["safety-stage2"] = ViTForImageClassification(ViTConfig(**SAFETY_STAGE2))
-    return models
+def build_on_meta(layers: Layers = FULL_SIZE) -> dict[str, object]:
+    """Every real-size model (or with these layer counts), on the meta device, no weights: transformers for dev
+    and schnell, T5, CLIP, VAE and the two safety stages, as weights/synthetic builds them from the real configs."""
+    return {item.kind: item.build_on_meta(layers) for item in components()}
 
 
 @dataclass(frozen=True)
