@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from flux.output import save_images
 from flux.pipelines import MAX_SEQUENCE_LENGTH, FluxPipelines, dtype_name, pick_device, pick_dtype
 from flux.request import GenerationRequest
 from flux.variants import Variant, go_fast_fallback, resident_variants, variant_for
+from lora.apply import OriginalsBudget
 from safety.checker import SafetyChecker
 from weights.locations import WeightPaths, resolve_weight_paths
 from weights.store import ModelStore, WeightsFolder
@@ -70,16 +72,17 @@ class FluxGenerator:
             )
         self.device = pick_device()
         self.dtype = pick_dtype(self.device)
-        resident, plan = resident_variants(go_fast_default), {}
+        placement = Placement(resident=resident_variants(go_fast_default))  # CPU, tiny weights: no plan needed
         if self.device.type == "cuda" and not weights.tiny:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            plan = _memory_plan(resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast)
-            resident = plan.pop("resident")
-        originals_budget = plan.pop("originals_budget", None)
-        store = store or WeightsFolder(weights.dev, weights.schnell)
-        self.pipelines = FluxPipelines(store, self.device, self.dtype, resident=resident, **plan)
+            placement = _memory_plan(placement.resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast)
+        self.pipelines = FluxPipelines(
+            store or WeightsFolder(weights.dev, weights.schnell), self.device, self.dtype, resident=placement.resident,
+            unavailable=placement.unavailable, t5_on_host=placement.t5_on_host, vae_tiling=placement.vae_tiling,
+            warm=placement.warm,
+        )
         self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)  # logs its time
-        self.loras = LoraState(self.pipelines, default_lora, originals_budget=originals_budget)
+        self.loras = LoraState(self.pipelines, default_lora, originals_budget=placement.originals_budget)
         if default_lora:
             with phase("Loading the default main LoRA (used when replicate_weights is empty)"):
                 self.loras.preload_default()
@@ -179,18 +182,30 @@ class FluxGenerator:
             shutil.rmtree(self._last_out_dir, ignore_errors=True)
 
 
-def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default: bool, has_go_fast: bool) -> dict:
-    """The GPU memory plan's decisions, as FluxPipelines and LoraState take them (flux/fast/memory.py). Refuses
-    setup, naming the GPU's size and what would fit, when the deployed class cannot be served here."""
+@dataclass(frozen=True)
+class Placement:
+    """Where things live, as FluxPipelines and LoraState take it: the GPU memory plan's decisions on CUDA with
+    real weights; elsewhere the wanted variants resident and no limits."""
+
+    resident: tuple[Variant, ...]
+    unavailable: frozenset[Variant] = frozenset()
+    t5_on_host: bool = False
+    vae_tiling: bool = False
+    warm: Variant | None = None
+    originals_budget: OriginalsBudget | None = None
+
+
+def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default: bool, has_go_fast: bool) -> Placement:
+    """The GPU memory plan's decisions (flux/fast/memory.py). Refuses setup, naming the GPU's size and what would
+    fit, when the deployed class cannot be served here."""
     from flux.fast.memory import HOST, UNAVAILABLE, fit_to_gpu
-    from lora.apply import OriginalsBudget
 
     plan = fit_to_gpu(wanted, gpu_total, go_fast_default=go_fast_default, go_fast_input=has_go_fast)
     # the slot's room serves the LoRA originals too while no variant is built into it (flux/lora_state.py)
     originals_budget = OriginalsBudget(plan.lora_originals_gpu, lendable=plan.slot)
     if plan.warm_slot is not None:
         originals_budget.shrink()  # setup builds the warm variant into the slot
-    return dict(
+    return Placement(
         resident=plan.resident,
         unavailable=frozenset(Variant.parse(v) for v in plan.variants(UNAVAILABLE)),
         t5_on_host=plan.t5 == HOST,
