@@ -1,7 +1,7 @@
 """How the shared VAE decodes a batch: one image at a time, and in tiles only where memory is short.
 
 Slicing (diffusers' `enable_slicing`) runs the decoder on each image of the batch in turn, so the peak is one
-image's activations instead of the batch's. Measured at FLUX.1's real widths (script/vae_memory, CPU, fp32, 4
+image's activations instead of the batch's. Measured at FLUX.1's real widths (bench/vae_memory, CPU, fp32, 4
 images): 0.34 of the whole-batch peak at 512x512, 0.31 at 720x720, and 0.30 at 1440x1440 by the linear fit
 (7.0 GiB against 23.2; in bf16 about 3.4 against 11.6). Each image is decoded bit for bit as if it were alone
 (tests/test_vae.py), so an image of a batch no longer depends on its batch-mates; the whole-batch decode itself

@@ -1,4 +1,4 @@
-"""Per-phase times of real predictions (`script/benchmark --gpu`): dev at 28 steps and schnell at 4, at 1 MP, in
+"""Per-phase times of real predictions (`bench/benchmark --gpu`): dev at 28 steps and schnell at 4, at 1 MP, in
 bf16 and go_fast, with and without a LoRA; the switch time between two cached LoRAs; peak GPU memory.
 
 On CUDA it takes the real weights (FLUX_WEIGHTS_DIR, or the Hub cache; see README "Real weights and GPUs") and
@@ -10,7 +10,9 @@ Phases are timed by wrapping, in this process only, the functions each phase run
 each edge): text encoding = the pipeline's encode_prompt, VAE decode = AutoencoderKL.decode, denoising = from
 the end of text encoding to the start of decoding, safety = SafetyChecker.check, file encoding = save_images
 (it runs beside the safety check, so the two overlap), LoRA = LoraState.prepare, total = Predictor.run() end to end.
+
 Each row is the median of --repeats runs after one unmeasured run (which loads, compiles and fetches).
+It lives in script/, not bench/, because script/gpu_check times its rows with the same clock.
 """
 
 from __future__ import annotations

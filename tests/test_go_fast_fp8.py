@@ -182,10 +182,10 @@ def test_a_lora_on_fp8_is_the_fp8_build_of_the_bf16_model_with_that_lora(dev_dir
     assert_same_weights(fused, reference)
 
 
-# --- quality in numbers (script/_go_fast_quality.py prints the same figures) -----------------------------------
+# --- quality in numbers (bench/_go_fast_quality.py prints the same figures) -----------------------------------
 
 def test_go_fast_keeps_a_typical_loras_strength_and_stays_close_to_bf16(tmp_path):
-    from script._go_fast_quality import measure_quality, tiny_pipelines, typical_lora
+    from bench._go_fast_quality import measure_quality, tiny_pipelines, typical_lora
 
     pipelines = tiny_pipelines()
     lora = typical_lora(pipelines.transformer("dev-bf16"), tmp_path)

@@ -171,7 +171,7 @@ def test_what_the_goals_ask(plans):
 
 
 def test_the_json_has_every_size_and_class(real_sizes, capsys):
-    from script._benchmark import print_memory_plan
+    from bench._benchmark import print_memory_plan
 
     assert print_memory_plan(as_json=True, sizes=real_sizes) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -184,7 +184,7 @@ def test_the_json_has_every_size_and_class(real_sizes, capsys):
 
 
 def test_the_tables_print(real_sizes, capsys):
-    from script._benchmark import print_memory_plan
+    from bench._benchmark import print_memory_plan
 
     print_memory_plan(as_json=False, sizes=real_sizes)
     out = capsys.readouterr().out

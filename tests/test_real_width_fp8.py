@@ -1,10 +1,10 @@
 """go_fast's fp8 with a LoRA at FLUX.1's real shapes: each fp8 layer carries the LoRA's change, and so does the
-transformer's output. script/real_width_fp8 prints the same figures, for dequantise-add-requantise too.
+transformer's output. bench/real_width_fp8 prints the same figures, for dequantise-add-requantise too.
 
 The LoRA is rank 16 on every block Linear with a median ‖ΔW‖/‖W‖ of 3%, as real FLUX LoRAs. Per layer in bf16,
 the GPU's dtype (the fused weight is rounded to bf16 before it is quantised, as on the GPU); the output in
 float32, the CPU product's dtype, because one bf16 forward's own rounding moves the output more than such a LoRA
-does (script/real_width_fp8 prints both), which would make a bf16 reference change mostly noise.
+does (bench/real_width_fp8 prints both), which would make a bf16 reference change mostly noise.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux.fast.quantize import is_quantised_linear, quantise_weight
-from script._real_width_fp8 import (
+from bench._real_width_fp8 import (
     CONFIGS,
     OURS,
     fp8_copy,
@@ -23,6 +22,7 @@ from script._real_width_fp8 import (
     output_strengths,
     realistic_lora,
 )
+from flux.fast.quantize import is_quantised_linear, quantise_weight
 from tests.fixtures.real_width import real_width_fixture  # noqa: F401 (provides real_width)
 
 pytestmark = pytest.mark.real_width

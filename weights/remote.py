@@ -9,7 +9,7 @@ uncompressed tar of that folder's contents (`<folder>/...` entries, a tar of the
   FLUX_CACHE_MIN_FREE_GB before writing, and extraction checks that the contents fit next to the tar.
 - Extracted with the rules LoRA tars follow: regular files and folders only, no links or devices, no absolute or
   `..` names, at most `MAX_MEMBERS` entries. Download first, then extract: streaming the extraction during the
-  download measured no faster on loopback once tarfile copies 8 MiB at a time (script/bench_weights_url.py).
+  download measured no faster on loopback once tarfile copies 8 MiB at a time (bench/bench_weights_url.py).
 - Never half there: the tar lives in `<root>/.downloads/` (a killed download resumes from there; a process killed
   while extracting downloads again), the contents go to `<root>/.<folder>.partial`, are checked (weights.verify),
   and get the real name in one rename.

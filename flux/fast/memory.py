@@ -130,7 +130,7 @@ def real_sizes(models: dict[str, object] | None = None, *, per_row_scales: bool 
 RESIDENT, LAZY, UNAVAILABLE = "resident", "lazy", "unavailable"
 GPU, HOST = "gpu", "host"
 CUDA_CONTEXT = int(0.6 * GIB)  # taken by the CUDA context and libraries before the first tensor
-GPU_SIZES_GIB = (16, 24, 48, 80, 141)  # the plans script/benchmark --memory-plan prints (141: one H200)
+GPU_SIZES_GIB = (16, 24, 48, 80, 141)  # the plans bench/benchmark --memory-plan prints (141: one H200)
 # each deployed class of predict.py: (its go_fast default, whether its schema has a go_fast input)
 DEPLOYED = {"Predictor": (False, True), "FastPredictor": (True, True), "LegacyPredictor": (False, False)}
 

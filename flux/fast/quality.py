@@ -1,4 +1,4 @@
-"""How close go_fast output is to bf16 output: PSNR and LoRA strength (used by script/_go_fast_quality.py and
+"""How close go_fast output is to bf16 output: PSNR and LoRA strength (used by bench/_go_fast_quality.py and
 the tests)."""
 
 from __future__ import annotations

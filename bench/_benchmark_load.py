@@ -1,4 +1,4 @@
-"""`script/benchmark --load`: setup's memory and load speed at the real widths, on CPU.
+"""`bench/benchmark --load`: setup's memory and load speed at the real widths, on CPU.
 
 P7  setup's peak RSS, less that of a bare interpreter with the same imports, over the bytes of the parameters
     and buffers of the modules it holds (fp32 on CPU).                                   Goal <= 1.3

@@ -1,4 +1,4 @@
-"""`script/soak [-n 300]`: many predictions through the real coglet server, as a long-running container sees them.
+"""`bench/soak [-n 300]`: many predictions through the real coglet server, as a long-running container sees them.
 
 Each prediction is 0.25 MP and one step, and they cycle through: no LoRA, LoRA A, LoRA B, both, img2img and
 inpaint, with num_outputs 1 to 4 and every output format. LoRAs come from a local HTTP server (so the download

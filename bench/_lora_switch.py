@@ -1,4 +1,4 @@
-"""LoRA switching at real widths on this CPU: each cost against its floor, measured in one run (script/lora_switch).
+"""LoRA switching at real widths on this CPU: each cost against its floor, measured in one run (bench/lora_switch).
 
 The model is FLUX.1's transformer at its real widths (3072 wide, the real config) with 1 double and 1 single block
 (or --double/--single), random weights, in the CPU model dtype (fp32); the LoRAs are two synthetic rank-16 LoRAs

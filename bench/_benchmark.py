@@ -15,7 +15,7 @@ The two sides of each ratio are interleaved and the medians of the repeats are u
 weights; without CUDA the same table on the tiny weights, smaller. --memory-plan prints the GPU memory plans of
 every deployed class on 16, 24, 48, 80 and 141 GiB (flux/fast/memory.py), --memory-plan --json as one JSON object.
 --load prints P7 (setup's peak RSS / the bytes it holds) and P8 (load throughput / a plain read of the same files)
-at the real widths on CPU, each side in a fresh process (script/_benchmark_load.py).
+at the real widths on CPU, each side in a fresh process (bench/_benchmark_load.py).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> int:
     predict_with_defaults(predictor, **REQUEST)  # back to no LoRA
 
     # --- P4: downloads ---
-    from script.bench_download import measure_p4
+    from bench.bench_download import measure_p4
 
     p4 = measure_p4(connections=4)
     report("P4", "single stream / 4 ranged connections (24 MiB, 6 MiB/s each)", p4["parallel_s"], p4["single_stream_s"], ">= 3.5x", inverse=True)

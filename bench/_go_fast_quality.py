@@ -1,5 +1,5 @@
 """go_fast quality on the tiny weights: PSNR against bf16 and LoRA strength, for two ways of putting a LoRA
-on fp8 weights, plus switch and per-step costs. Run: script/go_fast_quality
+on fp8 weights, plus switch and per-step costs. Run: bench/go_fast_quality
 
 Ways compared (the fp8 transformer is the same torchao build for both):
 - requantise from bf16 (ours, flux/fast/lora_fp8.py): quantise(W_bf16 + s·ΔW), W_bf16 read from the checkpoint;

@@ -1,5 +1,5 @@
 """LoRA strength on fp8 weights at FLUX.1's real widths (1 double + 1 single block): per layer and at the output.
-Run: script/real_width_fp8
+Run: bench/real_width_fp8
 
 Two ways of putting a LoRA on an fp8 transformer (the same torchao build for both):
 - requantise from bf16 (ours, flux/fast/lora_fp8.py): W_fp8' = quantise(W + ΔW), W the checkpoint's weight;

@@ -2,10 +2,10 @@
 """Benchmark P4: parallel ranged download time ÷ single-stream time, through a local server throttled per
 connection (as CDNs and storage hosts often are). Goal: >= 3.5x at 4+ connections.
 
-    python script/bench_download.py [--connections 4] [--size-mib 24] [--rate-mib-s 6]
-    python script/bench_download.py --cancel      # how fast a cancel and a stall end a download
+    python bench/bench_download.py [--connections 4] [--size-mib 24] [--rate-mib-s 6]
+    python bench/bench_download.py --cancel      # how fast a cancel and a stall end a download
 
-Prints the numbers measured in this one run, as JSON. `measure_p4()` returns them (script/benchmark uses it).
+Prints the numbers measured in this one run, as JSON. `measure_p4()` returns them (bench/benchmark uses it).
 The single stream is the downloader's own fallback path (a server without Range support), over the same throttle.
 `measure_cancel()` times, against hosts that drip one byte per second: seconds from a cancel to the download's
 end (ranged and single stream), and seconds until a 2 s stall timeout ends a dripping download.

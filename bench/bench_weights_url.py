@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Weights from FLUX_WEIGHTS_URL on loopback, and the setup check of a real-size folder.
 
-    python script/bench_weights_url.py [--size-gib 1.5] [--rounds 2]     # fetch: download-then-extract vs streaming
-    python script/bench_weights_url.py --verify                         # verify a real-size FLUX folder's headers
+    python bench/bench_weights_url.py [--size-gib 1.5] [--rounds 2]     # fetch: download-then-extract vs streaming
+    python bench/bench_weights_url.py --verify                         # verify a real-size FLUX folder's headers
 
 Fetch: a tar of one folder (three valid .safetensors files) served by a FileServer in another process (so the
 server does not share our GIL). Three ways, alternated, each into an empty folder:
