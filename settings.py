@@ -1,7 +1,7 @@
 """Every environment setting the server reads, in one place: name, default and meaning.
 
 Values are read on each call (not cached at import), so a test or an operator's wrapper can change them. Only
-this module touches os.environ for our settings; a test fails if another module does. README's configuration
+this module touches os.environ for our settings; a test fails if another module does. docs/configuration.md's
 table lists every setting declared here (a test checks that too).
 """
 

@@ -186,7 +186,7 @@ def main() -> int:
 # --- --memory-plan: the GPU memory plans (flux/fast/memory.py) as tables or JSON ----------------------------
 
 def print_memory_plan(as_json: bool, sizes=None) -> int:
-    """Each deployed class on each GPU of memory.GPU_SIZES_GIB: README's tables, or one JSON object
+    """Each deployed class on each GPU of memory.GPU_SIZES_GIB: docs/gpus.md's tables, or one JSON object
     {"<GiB>": {"<class>": {"fits": ..., "error": ..., "resident": [...], ...}}}. sizes: memory.real_sizes()."""
     from flux.fast import memory
 

@@ -3,7 +3,7 @@
 - go_fast multiplier (FLUX_GO_FAST_LORA_MULTIPLIER, default 1): multiplies every LoRA scale on the fp8 path.
   The hosted model's pages say "For go_fast we apply a 1.5x multiplier": that compensated for its own
   quantiser losing LoRA strength. Ours re-quantises from the bf16 weights (flux/fast/lora_fp8.py) and keeps
-  the strength (measured: README "go_fast (fp8)"), so 1 is right here; operators may set 1.5 to match.
+  the strength (measured: docs/go-fast.md), so 1 is right here; operators may set 1.5 to match.
 - scale curve (FLUX_LORA_SCALE_CURVE): `linear` (default) fuses scale·ΔW, as the description promises.
   `hosted` reproduces the hosted model for users who tuned scales there: with exactly one LoRA and go_fast
   off it applied the scale twice (adapter weight and joint_attention_kwargs), so the effect was scale²

@@ -124,7 +124,7 @@ def test_a_file_in_an_allowed_folder_and_an_upload_are_read(server, folders):
 
 
 def test_coglet_itself_fetches_image_urls_on_private_addresses(server, image_host):
-    """Documents a limit we cannot fix in the predictor (README, Security): coglet downloads `image` URLs before
+    """Documents a limit we cannot fix in the predictor (docs/security.md): coglet downloads `image` URLs before
     run() starts, with no private-address guard, and hands over only the saved file. Even with private URLs
     off, a loopback image URL is fetched. Operators must block private ranges with an egress policy."""
     url = image_host.add("/private.png", png_bytes())
@@ -134,7 +134,7 @@ def test_coglet_itself_fetches_image_urls_on_private_addresses(server, image_hos
 
 
 def test_a_cancel_during_coglets_image_download_waits_for_the_download(server, image_host):
-    """Documents a coglet limit (README, Security): coglet downloads `image` URLs before run() starts, and a
+    """Documents a coglet limit (docs/security.md): coglet downloads `image` URLs before run() starts, and a
     cancel does not stop that download; the slot stays busy while a slow host keeps sending (each read has
     coglet's 10 s timeout, the whole download none). Once the download ends the canceled prediction does not run
     and the next request succeeds. Here the host drips 40 bytes over about 8 s."""
@@ -145,7 +145,7 @@ def test_a_cancel_during_coglets_image_download_waits_for_the_download(server, i
     assert requests.post(f"{server.url}/predictions/drip-1/cancel", timeout=10).status_code == 200
     started = time.monotonic()
     busy = requests.post(f"{server.url}/predictions", json={"input": GOOD}, timeout=60)
-    assert busy.status_code == 409, "coglet now stops its input downloads on cancel: update README and this test"
+    assert busy.status_code == 409, "coglet now stops its input downloads on cancel: update docs/security.md and this test"
     while (after := requests.post(f"{server.url}/predictions", json={"input": GOOD}, timeout=60)).status_code == 409:
         assert time.monotonic() - started < 30, "still busy long after the dripping download must have ended"
         time.sleep(0.5)

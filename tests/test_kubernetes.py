@@ -1,4 +1,4 @@
-"""deploy/kubernetes.yaml: valid for Kubernetes' schemas, and it does what README says it does.
+"""deploy/kubernetes.yaml: valid for Kubernetes' schemas, and it does what docs/kubernetes.md says it does.
 
 The probes run against the real coglet server (a stub predictor whose setup and prediction wait for the test), so
 their verdicts are checked on each status coglet reports. The egress policy is evaluated address by address.
@@ -22,7 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "deploy" / "kubernetes.yaml"
-# README's Security section: ranges the pods must not reach
+# docs/security.md: ranges the pods must not reach
 BLOCKED = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10",
            "::1/128", "fc00::/7", "fe80::/10"]
 

@@ -122,9 +122,8 @@ def test_every_declared_setting_is_read() -> None:
     assert unread == []
 
 
-def test_every_setting_is_in_the_readme_table() -> None:
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Configuration") :]
+def test_every_setting_is_in_the_configuration_table() -> None:
+    table = (ROOT / "docs" / "configuration.md").read_text()
     missing = [name for name in settings.SETTINGS if f"`{name}`" not in table]
     assert missing == []
 
@@ -135,7 +134,7 @@ def test_the_test_session_sets_its_environment_at_configure_and_leaves_nothing_b
     subprocess.run([sys.executable, "-c", importing], cwd=ROOT, check=True)
     session_tmp = tmp_path / "tmp"
     session_tmp.mkdir()
-    one_test = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_every_setting_is_in_the_readme_table"]
+    one_test = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_every_setting_is_in_the_configuration_table"]
     environment = {key: value for key, value in os.environ.items() if key not in ("FLUX_LORA_CACHE_DIR", "FLUX_WEIGHTS")}
     subprocess.run(one_test, cwd=ROOT, env={**environment, "TMPDIR": str(session_tmp)}, check=True, capture_output=True)
     assert list(session_tmp.iterdir()) == []  # its throw-away LoRA cache was removed

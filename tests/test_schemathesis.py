@@ -6,7 +6,7 @@
   or failed with a message that names an input (a LoRA string that is no LoRA, for instance).
 - Negative phase: requests that break the schema. Each must be refused with a 4xx. Bodies that coglet accepts
   although the schema forbids them are coglet's own mismatches: they are listed in KNOWN_UNCHECKED (and in
-  README, Tests) rather than hidden, and any other acceptance fails the test. Two refusals of valid requests by
+  docs/tests.md) rather than hidden, and any other acceptance fails the test. Two refusals of valid requests by
   coglet (no `input`; an explicit null) have tests of their own at the end.
 Generation is derandomised, so a run is repeatable.
 """
@@ -84,7 +84,7 @@ def schema_errors(document: dict, body: object) -> list[str]:
     return [f"{list(error.path)} {error.validator}: {error.message[:160]}" for error in validator.iter_errors(body)]
 
 
-# Schema violations that coglet lets through (README, Tests). `format` (date-time, uri) is never checked either:
+# Schema violations that coglet lets through (docs/tests.md). `format` (date-time, uri) is never checked either:
 # `created_at: 2024-01-01T12:99:00Z` or a `webhook` that is no URI is accepted; schema_errors() ignores formats.
 KNOWN_UNCHECKED = [r"^\['webhook'\] maxLength:"]  # webhook's maxLength (65536)
 
@@ -174,7 +174,7 @@ def test_negative_phase(server, document, predict_operation):
 
 
 def test_coglet_refuses_an_explicit_null(server):
-    """A coglet mismatch (README, Tests): Optional inputs are `nullable: true` in the schema it serves, yet an
+    """A coglet mismatch (docs/tests.md): Optional inputs are `nullable: true` in the schema it serves, yet an
     explicit null is a 422. Clients leave such inputs out instead."""
     response = server.predict(input={"prompt": "x", "num_inference_steps": 1, "megapixels": "0.25", "seed": None})
     assert response.status_code == 422, response.text
@@ -182,7 +182,7 @@ def test_coglet_refuses_an_explicit_null(server):
 
 
 def test_coglet_needs_input_although_optional(server):
-    """A coglet mismatch (README, Tests): `input` is optional in PredictionRequest, yet a request without it is a
+    """A coglet mismatch (docs/tests.md): `input` is optional in PredictionRequest, yet a request without it is a
     422 for the missing prompt."""
     response = server.predict()
     assert response.status_code == 422, response.text

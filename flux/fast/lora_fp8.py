@@ -9,7 +9,7 @@ transformer was built from) the first time a LoRA touches the module, and kept f
 bit for bit the fp8 build of the bf16 model with these LoRAs fused, so go_fast keeps a LoRA's full strength
 with no multiplier. The obvious alternative, dequantise the fp8 weight, add, requantise, rounds twice: a
 typical LoRA change (a few percent of W) is smaller than half an fp8 step for most elements, so they round
-back to where they were and the LoRA loses much of its strength (measured in README, "go_fast (fp8)").
+back to where they were and the LoRA loses much of its strength (measured in docs/go-fast.md).
 
 Taking LoRAs off quantises the kept W_bf16 again, exactly as the build did, so the weights are bit-identical to
 a fresh build and no second (fp8) copy is kept: 2 bytes per touched weight, wherever the originals live.
