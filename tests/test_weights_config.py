@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.fixtures.servers import HubServer
 from weights.locations import resolve_weight_paths
 from weights.manifest import MANIFEST
@@ -64,3 +66,21 @@ def test_weights_url_is_used_instead_of_the_hub(monkeypatch, tmp_path, tiny_weig
     paths = resolve_weight_paths(cuda_available=False)
     assert (paths.safety_stage2 / "model.safetensors").read_bytes() == (stage2 / "model.safetensors").read_bytes()
     assert hub_server.requests == [] and hub_server.storage.requests == []
+
+
+def test_the_default_real_folder_is_the_projects_model_cache_from_any_working_folder(monkeypatch, tmp_path):
+    """script/serve runs coglet in a working folder of its own (for its schema): the default real weights must still
+    be the project's model-cache/, where README tells operators to put them, not one in that folder."""
+    import weights.locations as locations
+
+    fetched = []
+    monkeypatch.setattr(locations, "download_real_weights", lambda root, missing: fetched.append(root))  # no Hub
+    monkeypatch.setattr(locations, "verify_weights_folder", lambda folder: None)  # nothing is there to check
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLUX_WEIGHTS", "real")
+    for name in ("FLUX_WEIGHTS_DIR", "FLUX_WEIGHTS_URL", "FLUX_SAFETY_WEIGHTS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    paths = resolve_weight_paths(cuda_available=True)
+    project_cache = Path(__file__).resolve().parent.parent / "model-cache"
+    assert paths.dev == project_cache / MANIFEST["dev"].folder
+    assert fetched in ([], [project_cache])

@@ -4,7 +4,7 @@
 - FLUX_WEIGHTS_DIR=/path points at real weights laid out as in weights/manifest.py (FLUX.1-dev/, FLUX.1-schnell/,
   stable-diffusion-safety-checker/, nsfw_image_detection/). Missing folders are downloaded into it: as
   `<FLUX_WEIGHTS_URL>/<folder>.tar` when that is set (weights/remote.py), otherwise from the Hub.
-- Neither set: real weights in ./model-cache when a CUDA GPU is present, otherwise the tiny weights.
+- Neither set: real weights in the project's model-cache/ when a CUDA GPU is present, otherwise the tiny weights.
 - FLUX_SAFETY_WEIGHTS_DIR=/path takes the two safety checker folders from elsewhere (e.g. a tuned checker).
 
 Every folder used is checked before it is trusted (weights/verify.py: headers only, milliseconds), the tiny ones
@@ -23,7 +23,8 @@ from weights.verify import verify_weights_folder
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REAL_DIR = Path("model-cache")
+# the project folder's (/src/model-cache in an image), whatever the working folder: script/serve runs coglet in its own
+DEFAULT_REAL_DIR = Path(__file__).resolve().parent.parent / "model-cache"
 
 
 @dataclass(frozen=True)
