@@ -47,8 +47,8 @@ def test_every_manifest_is_valid_for_kubernetes(version):
     for document in _documents():
         kubernetes_validate.validate(document, version, strict=True)  # strict: unknown fields are errors too
         kinds.append(document["kind"])
-    assert sorted(kinds) == ["Deployment", "Job", "NetworkPolicy", "PersistentVolumeClaim", "PersistentVolumeClaim",
-                             "Service"]
+    assert sorted(kinds) == ["Deployment", "Job", "Namespace", "NetworkPolicy", "PersistentVolumeClaim",
+                             "PersistentVolumeClaim", "Service"]
 
 
 def test_the_validator_catches_a_misspelt_field():
