@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import settings
+from flux.lora_scales import configured_fused_scales
 from flux.lora_state import LoraState
+from flux.metadata import image_records
 from flux.output import save_images
 from flux.pipelines import MAX_SEQUENCE_LENGTH, FluxPipelines, dtype_name, pick_device, pick_dtype
 from flux.request import GenerationRequest
@@ -27,6 +30,8 @@ from weights.locations import WeightPaths, resolve_weight_paths
 from weights.store import ModelStore, WeightsFolder
 
 log = logging.getLogger(__name__)
+
+_SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}  # as FLUX_DTYPE and the variants name them
 
 
 class RunCancelled(Exception):
@@ -115,9 +120,10 @@ class FluxGenerator:
         with phase("Denoising"):
             images = self._denoise(request, variant)
         out_dir = self._fresh_output_dir()
+        records = self._records(request, variant) if settings.flag("FLUX_WRITE_METADATA") else None
         with phase("Safety check and encoding"), ThreadPoolExecutor(max_workers=1) as pool:
             # encode while the checker runs; files of dropped images are deleted before anyone sees them
-            encoding = pool.submit(save_images, list(enumerate(images)), request.output_format, request.output_quality, out_dir)
+            encoding = pool.submit(save_images, list(enumerate(images)), request.output_format, request.output_quality, out_dir, records)
             try:
                 report = self.safety.check(images, disabled=request.disable_safety_checker)
             finally:
@@ -135,6 +141,14 @@ class FluxGenerator:
         elif request.go_fast:
             log.info("go_fast: running the fp8 transformer (%s).", type(self.pipelines.fp8_config).__name__)
         return variant
+
+    def _records(self, request: GenerationRequest, variant: Variant) -> list[dict]:
+        """What each image's file says about how it was made (flux/metadata.py): the LoRAs as `prepare` fused
+        them, the deployment's main LoRA included, and the precision that ran."""
+        loras = self.loras.requested(request)
+        fused = configured_fused_scales([spec.scale for spec in loras], fp8=variant.fp8)
+        precision = variant.precision if variant.fp8 else _SHORT_DTYPE_NAMES[self.dtype]
+        return image_records(request, loras, precision=precision, fused_scales=fused)
 
     def _denoise(self, request: GenerationRequest, variant: Variant) -> list[Image.Image]:
         pipe = self.pipelines.get(variant, request.mode)
