@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import shutil
 import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 
 import settings
+from errors import UserError
 from flux.lora_scales import configured_fused_scales
 from flux.lora_state import LoraState
 from flux.metadata import image_records
@@ -77,6 +80,7 @@ class FluxGenerator:
             )
         self.device = pick_device()
         self.dtype = pick_dtype(self.device)
+        self._has_go_fast = has_go_fast
         placement = Placement(resident=resident_variants(go_fast_default))  # CPU, tiny weights: no plan needed
         if self.device.type == "cuda" and not weights.tiny:
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -113,6 +117,16 @@ class FluxGenerator:
             raise
 
     def _run(self, request: GenerationRequest) -> list[Path]:
+        """_generate(), with running out of GPU memory anywhere in it (a LoRA fuse, a variant's build, denoising,
+        the VAE) told to the user as what to change, once the memory is free for the next request."""
+        try:
+            return self._generate(request)
+        except torch.OutOfMemoryError as error:
+            log.warning("Out of GPU memory: %s", error)
+            _free_memory(error, self.device)
+            raise out_of_memory_error(request, go_fast_input=self._has_go_fast) from error
+
+    def _generate(self, request: GenerationRequest) -> list[Path]:
         log.info("Using seed: %d", request.seed)
         log.info("Mode: %s, model: %s, %dx%d, %d step(s)", request.mode, request.model, request.width, request.height, request.num_inference_steps)
         variant = self._variant(request)
@@ -194,6 +208,31 @@ class FluxGenerator:
     def _remove_last_output_dir(self) -> None:
         if self._last_out_dir is not None:
             shutil.rmtree(self._last_out_dir, ignore_errors=True)
+
+
+def out_of_memory_error(request: GenerationRequest, *, go_fast_input: bool) -> UserError:
+    """The user's side of a request that ran out of GPU memory: the inputs that decide how much it needs."""
+    size = f"{request.width}x{request.height}"
+    changes = [f"fewer num_outputs than {request.num_outputs}"] if request.num_outputs > 1 else []
+    if request.image is not None:
+        changes.append(f"a smaller image input than {size}")
+    else:
+        changes.append(f"a smaller size than {size} (megapixels, or width and height with aspect_ratio=custom)")
+    bf16_anyway = go_fast_fallback(has_image=request.image is not None, has_mask=request.mask is not None,
+                                   custom_size=request.custom_size)
+    if go_fast_input and not request.go_fast and not bf16_anyway:
+        changes.append("go_fast=true")  # the fp8 transformer leaves more room
+    return UserError(f"The GPU ran out of memory for this request ({request.num_outputs} x {size}); "
+                     f"try {', or '.join(changes)}.")
+
+
+def _free_memory(error: BaseException, device: torch.device) -> None:
+    """Free what the failed request held: its frames' tensors (the error's traceback keeps them alive otherwise,
+    and it stays the cause of the user's error), then the CUDA cache, so the next request has the memory."""
+    traceback.clear_frames(error.__traceback__)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)

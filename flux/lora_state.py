@@ -112,10 +112,11 @@ class LoraState:
         return self._fusers[variant]
 
     def _forget(self, variant: Variant) -> None:
-        """The pipelines drop this variant: take its LoRAs off the shared text encoder and free its originals."""
+        """The pipelines drop this variant: take its LoRAs off the shared text encoder and free its originals (its
+        transformer is left as it is: it goes next)."""
         fuser = self._fusers.pop(variant, None)
         if fuser is not None:
-            fuser.release()
+            fuser.release(outliving=("text_encoder",))
 
     def _slot_in_use(self, in_use: bool) -> None:
         """The slot's room is lent to GPU originals while no variant is built into it: take it back (moving the

@@ -138,7 +138,12 @@ class FluxPipelines:
             log.info("FLUX %s is not resident (FLUX_RESIDENT_VARIANTS); building it now.", variant)
             for listener in self._slot_listeners:
                 listener(True)
-            self._transformers[variant] = self._build(variant)
+            try:
+                self._transformers[variant] = self._build(variant)
+            except BaseException:  # e.g. out of GPU memory: nothing was built into the slot, so it is empty again
+                for listener in self._slot_listeners:
+                    listener(False)
+                raise
             self._on_demand = variant
         return self._transformers[variant]
 

@@ -198,9 +198,9 @@ def test_go_fast_keeps_a_typical_loras_strength_and_stays_close_to_bf16(tmp_path
 
 # --- variants in memory ----------------------------------------------------------------------------------------
 
-def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weights, tmp_path, monkeypatch):
-    """Resident variants stay; a non-resident one is built when asked for and dropped for the next one, and the
-    LoRA it carried (text encoder included) does not outlive it."""
+def dev_fp8_with_a_lora(tiny_weights, tmp_path, monkeypatch):
+    """Pipelines with dev-bf16 resident, and dev-fp8 built on demand with a LoRA on it and on the text encoder:
+    (pipelines, LoRA state, the LoRA's path, the text encoder's tensors before)."""
     from flux.lora_state import LoraState
     from flux.pipelines import FluxPipelines
     from flux.request import build_request
@@ -212,8 +212,17 @@ def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weigh
     monkeypatch.setenv("FLUX_LORA_LOCAL_DIRS", str(tmp_path))
     clip_before = {name: tensor.clone() for name, tensor in pipelines.text_encoder.state_dict().items()}
     state = LoraState(pipelines)
-
     state.prepare(build_request(prompt="x", go_fast=True, extra_lora=str(lora)), Variant("dev", "fp8"))
+    return pipelines, state, lora, clip_before
+
+
+def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weights, tmp_path, monkeypatch):
+    """Resident variants stay; a non-resident one is built when asked for and dropped for the next one, and the
+    LoRA it carried (text encoder included) does not outlive it."""
+    from flux.request import build_request
+
+    pipelines, state, lora, clip_before = dev_fp8_with_a_lora(tiny_weights, tmp_path, monkeypatch)
+    transformer = pipelines.transformer("dev")
     dev_fp8 = weakref.ref(pipelines.transformer("dev-fp8"))
     assert is_fp8(dev_fp8().transformer_blocks[0].attn.to_q.weight)
     assert pipelines.is_loaded("dev-fp8") and not pipelines.is_loaded("schnell-fp8")
@@ -279,3 +288,43 @@ def test_the_slot_is_announced_before_a_variant_is_built_into_it_and_when_it_is_
         (False, ["dev-bf16"]),  # dev-fp8 dropped
         (True, ["dev-bf16"]),  # before schnell-fp8 is built
     ]
+
+
+def test_a_build_that_runs_out_of_memory_leaves_the_slot_empty_and_its_room_lent_again(tiny_weights, monkeypatch):
+    """Nothing was built into the slot: LoRA state must hear that it is empty again, or the originals' GPU budget
+    stays short of the slot's room for the server's life."""
+    from flux.fast import quantize
+    from flux.lora_state import LoraState
+    from flux.pipelines import FluxPipelines
+    from lora.apply import OriginalsBudget
+
+    pipelines = FluxPipelines(WeightsFolder(tiny_weights.dev, tiny_weights.schnell), CPU, FP32, resident=(Variant("dev"),))
+    budget = OriginalsBudget(10, lendable=50)
+    LoraState(pipelines, originals_budget=budget)
+
+    def out_of_memory(*args, **kwargs):  # torchao's quantize_, as the fp8 build calls it
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 90.00 MiB.")
+
+    monkeypatch.setattr(quantize, "quantize_", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        pipelines.transformer("dev-fp8")
+    assert not pipelines.is_loaded("dev-fp8") and budget.left == 60
+    monkeypatch.undo()
+    pipelines.transformer("dev-fp8")  # the next request builds it
+    assert pipelines.is_loaded("dev-fp8") and budget.left == 10
+
+
+def test_dropping_a_variant_restores_the_shared_text_encoder_and_writes_nothing_into_its_transformer(
+    tiny_weights, tmp_path, monkeypatch,
+):
+    """Restoring the originals of a transformer that is dropped next is wasted work: on fp8 every touched weight
+    would be re-quantised (1-2 s per slot swap at full size). Only the CLIP encoder, shared, comes back."""
+    pipelines, _, _, clip_before = dev_fp8_with_a_lora(tiny_weights, tmp_path, monkeypatch)
+    dropped = pipelines.transformer("dev-fp8")
+    fused = {name: (p.qdata.clone() if is_fp8(p) else p.detach().clone()) for name, p in dropped.named_parameters()}
+
+    pipelines.transformer("schnell-fp8")  # the slot changes hands: dev-fp8 is dropped
+    assert not pipelines.is_loaded("dev-fp8")
+    for name, parameter in dropped.named_parameters():  # as it was, LoRA and all: nothing was written into it
+        assert torch.equal(parameter.qdata if is_fp8(parameter) else parameter, fused[name]), name
+    assert all(torch.equal(tensor, clip_before[name]) for name, tensor in pipelines.text_encoder.state_dict().items())

@@ -62,7 +62,7 @@ class Fp8LoraFuser(LoraFuser):
         source = self._read_source(self._paths[module], device)
         if tuple(source.shape) != tuple(module.weight.shape) or source.dtype != module.weight.dtype:
             raise ValueError(f"the checkpoint weight of {self._paths[module]} does not match the loaded model")
-        return Backup(self.keep(source, device), None if module.bias is None else self.keep(module.bias, device))
+        return self.keep_backup(source, module.bias, device)
 
     def restore(self, module: nn.Linear, backup: Backup) -> None:
         if not is_fp8(module.weight):
