@@ -230,7 +230,7 @@ def main() -> None:
           + ", ".join(f"{median_delta_ratio(lora, bf16):.4f}" for lora in loras) + f" (seeds {OUTPUT_SEEDS})")
     for config_name, config in CONFIGS.items():
         fp8 = fp8_copy(bf16, config)
-        print(f"\nstrength per layer, fp8 {config_name}, bf16 weights (LoRA seed {OUTPUT_SEEDS[0]})")
+        print(f"\nstrength per layer, {config_name}, bf16 weights (LoRA seed {OUTPUT_SEEDS[0]})")
         for method, fuser in fusers(fp8, bf16, config, torch.bfloat16).items():
             print(f"  {method:<30} {summary(layer_strengths(fp8, fuser, loras[0]))}", flush=True)
         del fp8

@@ -128,7 +128,7 @@ def test_go_fast_int8_keeps_a_typical_loras_strength_and_stays_close_to_bf16(int
     lora = typical_lora(int8_pipelines.transformer("dev-bf16"), tmp_path)
     quality = measure_quality(int8_pipelines, lora, size=256, steps=1)
     assert 0.9 <= quality.strength <= 1.1
-    assert quality.psnr_without_lora > 40 and quality.psnr_with_lora > 40
+    assert quality.psnr_without_lora > 60 and quality.psnr_with_lora > 60  # measured 78 dB (CPU fp8 weight-only: 67)
 
 
 def test_lora_state_fuses_on_int8_and_restores_the_build(int8_pipelines, tmp_path, monkeypatch):
