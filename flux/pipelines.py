@@ -128,8 +128,8 @@ class FluxPipelines:
             report = compile_for_serving(pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[variant.model],
                                          label=f"FLUX {variant}", options=self.go_fast.inductor_options)
             if self.device.type == "cuda" and not report.compiled:
-                log.warning("FLUX %s runs without torch.compile: its %s are then slower than bf16 (the quantising "
-                            "and scaling around each matmul run as separate kernels).", variant, self.go_fast.name)
+                log.warning("FLUX %s runs without torch.compile, so go_fast (%s) is slower than bf16 here: the "
+                            "quantising and scaling around each matmul run as separate kernels.", variant, self.go_fast.name)
         return transformer
 
     def is_loaded(self, variant: Variant | str) -> bool:

@@ -8,11 +8,13 @@ per step for FLUX's 12 G weights) and then multiplies in bf16. So on CUDA go_fas
 activations too, in the 8-bit format the card's tensor cores multiply fastest:
 
 - 8.9 and up (Ada, Hopper, Blackwell): fp8 weights x fp8 activations, per-row scales (per-tensor for a float32
-  model: torchao's per-row fp8 matmul takes bf16 only). On Blackwell (10.0, 12.0) the same config runs
-  torchao's per-row fp8 matmul for sm100; NVFP4 (torchao's prototype) would be one more entry here.
+  model: torchao's per-row fp8 matmul takes bf16 only). Blackwell (10.0, 12.0) runs the same config through
+  torchao's per-row fp8 matmul (mslk where installed, else torch._scaled_mm); NVFP4 (torchao's prototype
+  NVFP4DynamicActivationNVFP4WeightConfig) would be one more entry here.
 - below 8.9 (Ampere 8.0/8.6/8.7, Turing 7.5): no fp8 tensor cores. int8 weights (per row) x int8 activations
-  (per token): Ampere's int8 tensor cores run at twice its bf16 rate (4x on GeForce RTX 30); Turing has no bf16
-  tensor cores at all, so bf16 runs on its CUDA cores and int8 is the only tensor-core path.
+  (per token): Ampere's int8 tensor cores run at twice its bf16 rate (4x on GeForce RTX 30). Turing has no bf16
+  tensor cores (bf16 runs on its CUDA cores) and FLUX overflows in fp16, so int8 is its one usable tensor-core
+  path; whether a Turing card is served at all is the setup's decision, not this module's.
 - CPU: fp8 weights only, so the same build, LoRA and memory code runs in the tests; CPU speed is not the point.
 
 int8 and fp8 weights weigh the same in the memory plan (1 byte per weight, float32 scales per row; int8 adds an
