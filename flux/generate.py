@@ -20,6 +20,7 @@ from PIL import Image
 
 import settings
 from errors import UserError
+from flux.fast.kernels import GoFastKernel, go_fast_kernel
 from flux.lora_scales import configured_fused_scales
 from flux.lora_state import LoraState
 from flux.metadata import image_records
@@ -84,7 +85,8 @@ class FluxGenerator:
         placement = Placement(resident=resident_variants(go_fast_default))  # CPU, tiny weights: no plan needed
         if self.device.type == "cuda" and not weights.tiny:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            placement = _memory_plan(placement.resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast)
+            placement = _memory_plan(placement.resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast,
+                                     kernel=go_fast_kernel(self.device, self.dtype))
         self.pipelines = FluxPipelines(
             store or WeightsFolder(weights.dev, weights.schnell), self.device, self.dtype, resident=placement.resident,
             unavailable=placement.unavailable, t5_on_host=placement.t5_on_host, vae_tiling=placement.vae_tiling,
@@ -153,7 +155,7 @@ class FluxGenerator:
         if request.go_fast and reason:
             log.info("go_fast: running in %s instead of fp8 because of %s.", dtype_name(self.dtype), reason)
         elif request.go_fast:
-            log.info("go_fast: running the fp8 transformer (%s).", type(self.pipelines.fp8_config).__name__)
+            log.info("go_fast: running FLUX %s (%s).", variant, self.pipelines.go_fast.name)
         return variant
 
     def _records(self, request: GenerationRequest, variant: Variant) -> list[dict]:
@@ -161,7 +163,7 @@ class FluxGenerator:
         them, the deployment's main LoRA included, and the precision that ran."""
         loras = self.loras.requested(request)
         fused = configured_fused_scales([spec.scale for spec in loras], fp8=variant.fp8)
-        precision = variant.precision if variant.fp8 else _SHORT_DTYPE_NAMES[self.dtype]
+        precision = self.pipelines.go_fast.precision if variant.fp8 else _SHORT_DTYPE_NAMES[self.dtype]
         return image_records(request, loras, precision=precision, fused_scales=fused)
 
     def _denoise(self, request: GenerationRequest, variant: Variant) -> list[Image.Image]:
@@ -248,12 +250,13 @@ class Placement:
     originals_budget: OriginalsBudget | None = None
 
 
-def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default: bool, has_go_fast: bool) -> Placement:
+def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default: bool, has_go_fast: bool,
+                 kernel: GoFastKernel) -> Placement:
     """The GPU memory plan's decisions (flux/fast/memory.py). Refuses setup, naming the GPU's size and what would
     fit, when the deployed class cannot be served here."""
     from flux.fast.memory import HOST, UNAVAILABLE, fit_to_gpu
 
-    plan = fit_to_gpu(wanted, gpu_total, go_fast_default=go_fast_default, go_fast_input=has_go_fast)
+    plan = fit_to_gpu(wanted, gpu_total, go_fast_default=go_fast_default, go_fast_input=has_go_fast, kernel=kernel)
     # the slot's room serves the LoRA originals too while no variant is built into it (flux/lora_state.py)
     originals_budget = OriginalsBudget(plan.lora_originals_gpu, lendable=plan.slot)
     if plan.warm_slot is not None:

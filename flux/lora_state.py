@@ -107,7 +107,7 @@ class LoraState:
         if variant not in self._fusers:
             self._fusers[variant] = fuser_for(
                 transformer, self._pipelines.text_encoder, source=self._pipelines.originals(variant.model),
-                dtype=self._pipelines.dtype, config=self._pipelines.fp8_config, originals_budget=self._originals_budget,
+                dtype=self._pipelines.dtype, config=self._pipelines.go_fast.config, originals_budget=self._originals_budget,
             )
         return self._fusers[variant]
 

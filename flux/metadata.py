@@ -38,7 +38,7 @@ def image_records(
     request: GenerationRequest, loras: Sequence[LoraSpec], *, precision: str, fused_scales: Sequence[float]
 ) -> list[dict]:
     """One record per image of the batch, image i with its own seed (seed + i). `loras` are the LoRAs that ran
-    (the deployment's main LoRA included), `fused_scales` theirs as fused; `precision` is what ran: fp8, bf16
+    (the deployment's main LoRA included), `fused_scales` theirs as fused; `precision` is what ran: fp8, int8, bf16
     or fp32. Keys are the input names where an input says the same, so a record reads as a request."""
     lora_entries = [_lora_entry(spec, fused) for spec, fused in zip(loras, fused_scales, strict=True)]
     records = []

@@ -2,7 +2,8 @@
 
 Everything is loaded through a `ModelStore` (weights/store.py): a weights folder, or synthetic weights made on
 the device. Text encoders, tokenizers and VAE are loaded once and shared by every variant; a variant adds only
-its transformer (bf16, or fp8 built by flux/fast/quantize.py from the same bf16 tensors) and its model's
+its transformer (bf16, or go_fast's "fp8" variant built by flux/fast/quantize.py from the same bf16 tensors, in
+the 8-bit kernel flux/fast/kernels.py picks for this GPU) and its model's
 scheduler. Each component goes straight to the device it runs on. img2img and inpaint pipelines are views built
 with from_pipe, so no weights are copied.
 
@@ -26,7 +27,8 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, Fl
 import settings
 from errors import UserError
 from flux.fast.compile import compile_for_serving
-from flux.fast.quantize import build_fp8_transformer, fp8_config
+from flux.fast.kernels import GoFastKernel, go_fast_kernel
+from flux.fast.quantize import build_fp8_transformer
 from flux.offload import offload_between_calls
 from flux.vae import configure_vae
 from flux.variants import MODELS, Variant
@@ -65,16 +67,17 @@ class FluxPipelines:
     def __init__(
         self, store: ModelStore, device: torch.device, dtype: torch.dtype, resident: tuple[Variant, ...], *,
         unavailable: frozenset[Variant] = frozenset(), t5_on_host: bool = False, vae_tiling: bool = False,
-        warm: Variant | None = None,
+        warm: Variant | None = None, go_fast: GoFastKernel | None = None,
     ):
         """resident: the variants built now and kept (flux/variants.py resident_variants). From the GPU memory
         plan: unavailable variants (no room for them here), T5 waiting in host memory between requests, whether
         the VAE decodes large images in tiles (flux/vae.py), and the variant that waits in the slot from setup
-        when none fits resident (built and compiled now, then dropped for the next one asked for)."""
+        when none fits resident (built and compiled now, then dropped for the next one asked for). go_fast: the
+        fp8 variant's kernel, default this device's (flux/fast/kernels.py; tests pass another GPU's to run it on CPU)."""
         started = time.perf_counter()
         self.store, self.device, self.dtype, self.resident = store, device, dtype, resident
         self.unavailable = unavailable
-        self.fp8_config = fp8_config(device, dtype)  # also what LoRAs on fp8 are re-quantised with
+        self.go_fast = go_fast or go_fast_kernel(device, dtype)  # its config also re-quantises LoRAs on the fp8 variant
         host = torch.device("cpu")
         self._shared = store.shared_components(device, dtype, t5_device=host if t5_on_host else None)
         if t5_on_host:
@@ -88,6 +91,7 @@ class FluxPipelines:
         self._drop_listeners: list[Callable[[Variant], None]] = []
         self._slot_listeners: list[Callable[[bool], None]] = []
         log.info("Loaded the FLUX text encoders and VAE (%s, %s) in %.2fs", device.type, dtype_name(dtype), time.perf_counter() - started)
+        log.info("go_fast's kernel here: %s (%s)", self.go_fast.name, self.go_fast.why)
         for variant in resident:
             self._transformers[variant] = self._build(variant, compile=True)
         if warm is not None:
@@ -112,16 +116,20 @@ class FluxPipelines:
         started = time.perf_counter()
         config, source = self.store.transformer_config(variant.model), self.originals(variant.model)
         if variant.fp8:
-            transformer = build_fp8_transformer(config, source, self.device, self.dtype, self.fp8_config)
+            transformer = build_fp8_transformer(config, source, self.device, self.dtype, self.go_fast.config)
         else:
             transformer = flux_transformer(config, source, self.device, self.dtype)
         log.info("Loaded FLUX %s in %.2fs", variant, time.perf_counter() - started)
         if variant.fp8 and compile:
-            # go_fast = fp8 + torch.compile (CUDA only, flux/fast/compile.py). Only at setup: compiling and warming
-            # up a variant built for one request would cost that request minutes. bf16 runs eagerly.
+            # go_fast = 8-bit matmuls + torch.compile (CUDA only, flux/fast/compile.py). Only at setup: compiling and
+            # warming up a variant built for one request would cost that request minutes. bf16 runs eagerly.
             pipe = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
             pipe.set_progress_bar_config(disable=True)
-            compile_for_serving(pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[variant.model], label=f"FLUX {variant}")
+            report = compile_for_serving(pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[variant.model],
+                                         label=f"FLUX {variant}", options=self.go_fast.inductor_options)
+            if self.device.type == "cuda" and not report.compiled:
+                log.warning("FLUX %s runs without torch.compile, so go_fast (%s) is slower than bf16 here: the "
+                            "quantising and scaling around each matmul run as separate kernels.", variant, self.go_fast.name)
         return transformer
 
     def is_loaded(self, variant: Variant | str) -> bool:

@@ -34,8 +34,9 @@ from flux.fast.compile import (
     uncompile_transformer,
     warm_up_sizes,
 )
+from flux.fast.kernels import go_fast_kernel, kernel_for
 from flux.fast.lora_fp8 import Fp8LoraFuser
-from flux.fast.quantize import fp8_config, is_fp8, is_quantised_linear, quantise_weight
+from flux.fast.quantize import is_quantised, is_quantised_linear, quantise_weight
 from lora.apply import LoraFuser
 from lora.formats import LoraWeights, convert_lora
 from tests.fixtures import lora_factory as factory
@@ -89,17 +90,17 @@ def _plain():
     return transformer, LoraFuser({"transformer": transformer})
 
 
-def _fp8():
-    """The tiny transformer with go_fast's fp8 weights, quantised as flux/fast/quantize.py builds them, and
-    go_fast's fuser re-quantising LoRAs from the original weights."""
+def _quantised(capability: tuple[int, int] | None = None):
+    """The tiny transformer with go_fast's weights for this GPU (None: the CPU's fp8), quantised as
+    flux/fast/quantize.py builds them, and go_fast's fuser re-quantising LoRAs from the original weights."""
     transformer = tiny_transformer(guidance_embeds=True).eval()
-    config = fp8_config(torch.device("cpu"), torch.float32)
+    config = kernel_for(capability, torch.float32).config
     originals = {}
     for name, module in transformer.named_modules():
         if is_quantised_linear(name, module):
             originals[f"transformer.{name}"] = module.weight.detach().clone()
             module.weight = nn.Parameter(quantise_weight(module.weight.detach(), config), requires_grad=False)
-    assert sum(is_fp8(w) for w in transformer.parameters()) == len(originals) > 0
+    assert sum(is_quantised(w) for w in transformer.parameters()) == len(originals) > 0
     fuser = Fp8LoraFuser({"transformer": transformer}, read_source=lambda path, device: originals[path].to(device),
                           config=config)
     return transformer, fuser
@@ -175,11 +176,12 @@ def test_plain_weights_three_block_graphs_for_every_size_lora_and_text_length():
     assert backend.count == 2 * BLOCK_GRAPHS
 
 
-def test_fp8_weights_three_block_graphs_for_every_size_and_lora():
-    transformer, fuser = _fp8()
+@pytest.mark.parametrize("capability", [None, (8, 6)], ids=["cpu-fp8", "ampere-int8"])  # int8's matmul runs on CPU too
+def test_quantised_weights_three_block_graphs_for_every_size_and_lora(capability):
+    transformer, fuser = _quantised(capability)
     backend = CountingBackend()
     compile_transformer(transformer, backend=backend, fullgraph=True)
-    _switch_loras_across_sizes(transformer, fuser, backend, SIZES[:2])  # fp8 runs slowly on CPU; sizes are shown above
+    _switch_loras_across_sizes(transformer, fuser, backend, SIZES[:2])  # 8-bit runs slowly on CPU; sizes are shown above
     assert sorted(_block_kind(graph) for graph in backend.graphs) == ["double", "single", "single"]
 
 
@@ -240,7 +242,7 @@ def test_warm_up_sizes_are_two_request_sizes_with_different_token_alignment():
 
 def test_quantising_leaves_inductor_settings_alone():
     """torchao's default would switch on coordinate-descent tuning for the whole process at every quantize_."""
-    config = fp8_config(torch.device("cpu"), torch.float32)
+    config = go_fast_kernel(torch.device("cpu"), torch.float32).config
     assert config.set_inductor_config is False
     before = torch._inductor.config.coordinate_descent_tuning
     quantise_weight(torch.randn(32, 32), config)

@@ -14,6 +14,7 @@ from torch import nn
 
 import predict
 from flux.fast import memory
+from flux.fast.kernels import go_fast_kernel
 from flux.fast.memory import (
     GIB,
     GPU,
@@ -30,7 +31,7 @@ from flux.fast.memory import (
     module_bytes,
     plan_memory,
 )
-from flux.fast.quantize import fp8_config, is_quantised_linear, quantise_weight
+from flux.fast.quantize import is_quantised_linear, quantise_weight
 from flux.variants import Variant
 from weights.pinned import SLAB_BYTES, arena_bytes, caching_host_bytes
 from weights.real_configs import TRANSFORMER
@@ -53,11 +54,11 @@ def test_counting_matches_the_tensors_torchao_makes(dtype):
     element = torch.finfo(dtype).bits // 8
     assert module_bytes(transformer, element) == _real_bytes(transformer)
 
-    config = fp8_config(torch.device("cpu"), dtype)
+    config = go_fast_kernel(torch.device("cpu"), dtype).config
     for name, module in transformer.named_modules():
         if is_quantised_linear(name, module):
             module.weight = nn.Parameter(quantise_weight(module.weight.detach(), config), requires_grad=False)
-    assert module_bytes(transformer, element, fp8=is_quantised_linear) == _real_bytes(transformer)
+    assert module_bytes(transformer, element, quantised=is_quantised_linear) == _real_bytes(transformer)
 
 
 def test_lora_originals_count_every_linear_weight_in_bf16():

@@ -261,10 +261,11 @@ def save_compile_cache(file: Path) -> int:
     return len(data)
 
 
-def compile_for_serving(pipeline, *, max_sequence_length: int, label: str) -> CompileReport:
+def compile_for_serving(pipeline, *, max_sequence_length: int, label: str, options: dict | None = None) -> CompileReport:
     """At setup, for one txt2img pipeline on CUDA: load the compile cache, compile the transformer's blocks, warm
     them up so no request compiles, and save the cache. Does nothing on CPU or with FLUX_COMPILE=0. If the
-    warm-up fails, the transformer runs eagerly (logged) rather than failing setup."""
+    warm-up fails, the transformer runs eagerly (logged) rather than failing setup. options: Inductor settings
+    for these graphs (go_fast's kernel's, flux/fast/kernels.py)."""
     transformer = pipeline.transformer
     device = transformer.device
     if not compile_wanted(device):
@@ -274,7 +275,7 @@ def compile_for_serving(pipeline, *, max_sequence_length: int, label: str) -> Co
     artefacts = load_compile_cache(cache)
     cache_load_s = time.perf_counter() - started
     priority = attention_priority(device)
-    compile_transformer(transformer, attention=priority)
+    compile_transformer(transformer, attention=priority, options=options)
     attention = "cuDNN first" if priority else "PyTorch's order"
     if not settings.flag("FLUX_COMPILE_WARMUP"):
         log.info("%s: compiled lazily (FLUX_COMPILE_WARMUP=0: the first request of each shape compiles); "

@@ -2,9 +2,10 @@
 
 Sizes are counted, not guessed: `real_sizes()` builds the real-size transformer, T5, CLIP, VAE and both safety
 models on the `meta` device (no weights, no memory) from weights/real_configs.py and adds up their parameters and
-buffers in the dtype each runs in. fp8 counts what flux/fast/quantize.py makes of a transformer: 1 byte per
-weight of the Linear layers it quantises (those inside the double and single blocks) plus one float32 scale
-per output row; everything else stays bf16.
+buffers in the dtype each runs in. fp8 (go_fast's variant) counts what flux/fast/quantize.py makes of a transformer
+with the GPU's kernel (flux/fast/kernels.py): 1 byte per weight of the Linear layers it quantises (those inside
+the double and single blocks) plus its scales (a float32 per output row; int8 adds an int8 zero point); everything
+else stays bf16.
 
 `plan_memory()` is the decision for one deployed class (`Demand`: the variants it must serve, those a request
 may ask for, those it wants resident), pure arithmetic on those sizes:
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import settings
 from flux.vae import tiling_pays
@@ -43,6 +45,9 @@ from flux.variants import MODELS, Variant, default_resident
 from units import GiB
 from weights.pinned import arena_bytes, spilled_arena_bytes
 from weights.synthetic.components import FULL_SIZE, Layers, components  # the real configs, built on meta
+
+if TYPE_CHECKING:
+    from flux.fast.kernels import GoFastKernel
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +61,30 @@ T5 = "T5 XXL encoder (bf16)"  # its key in Sizes.shared
 
 # --- counting ----------------------------------------------------------------------------------------------
 
-def module_bytes(module, bytes_per_element: int, *, fp8: Callable[[str, object], bool] | None = None,
-                 per_row_scales: bool = True) -> int:
+def module_bytes(module, bytes_per_element: int, *, quantised: Callable[[str, object], bool] | None = None,
+                 kernel: GoFastKernel | None = None) -> int:
     """Bytes of a module's parameters and buffers with floating tensors at `bytes_per_element` (others as they
-    are). fp8(name, submodule) says which Linear weights are stored as fp8: 1 byte each, plus float32 scales
-    (one per output row, or one per tensor)."""
-    quantised = {f"{name}.weight": sub for name, sub in module.named_modules() if fp8 and fp8(name, sub)}
+    are). quantised(name, submodule) says which Linear weights `kernel` (default: the H100's) stores in 8 bits."""
+    eight_bit = {f"{name}.weight" for name, sub in module.named_modules() if quantised and quantised(name, sub)}
+    kernel = kernel or (default_kernel() if eight_bit else None)
     total = 0
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if name in quantised:
-            rows = tensor.shape[0]
-            total += tensor.numel() + 4 * (rows if per_row_scales else 1)
+        if name in eight_bit:
+            total += kernel.weight_bytes(*tensor.shape)
         elif tensor.is_floating_point():
             total += tensor.numel() * bytes_per_element
         else:
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def default_kernel() -> GoFastKernel:
+    """go_fast's kernel on the GPU the plan assumes without one (an H100, bf16)."""
+    import torch
+
+    from flux.fast.kernels import kernel_for
+
+    return kernel_for((9, 0), torch.bfloat16)
 
 
 def build_on_meta(layers: Layers = FULL_SIZE) -> dict[str, object]:
@@ -124,8 +137,9 @@ def _offloaded_blocks(module) -> tuple[int, ...]:
     return tuple(t.numel() * (BF16 if t.is_floating_point() else t.element_size()) for t in tensors.values())
 
 
-def real_sizes(models: dict[str, object] | None = None, *, per_row_scales: bool = True) -> Sizes:
-    """The real FLUX.1 components' sizes as they sit on the GPU (about 10 s to build the models on meta)."""
+def real_sizes(models: dict[str, object] | None = None, *, kernel: GoFastKernel | None = None) -> Sizes:
+    """The real FLUX.1 components' sizes as they sit on the GPU (about 10 s to build the models on meta), fp8
+    variants as go_fast's `kernel` (default: the H100's) stores them."""
     from flux.fast.quantize import is_quantised_linear
 
     models = models or build_on_meta()
@@ -133,7 +147,7 @@ def real_sizes(models: dict[str, object] | None = None, *, per_row_scales: bool 
     for model in MODELS:
         transformer = models[f"transformer-{model}"]
         variants[f"{model}-bf16"] = module_bytes(transformer, BF16)
-        variants[f"{model}-fp8"] = module_bytes(transformer, BF16, fp8=is_quantised_linear, per_row_scales=per_row_scales)
+        variants[f"{model}-fp8"] = module_bytes(transformer, BF16, quantised=is_quantised_linear, kernel=kernel)
         blocks = linear_weight_blocks(transformer) + linear_weight_blocks(models["clip"])
         for precision in ("bf16", "fp8"):  # each variant's fuser keeps its own, the CLIP encoder's included
             originals[f"{model}-{precision}"], pinned[f"{model}-{precision}"] = sum(blocks), blocks
@@ -357,12 +371,13 @@ def _with_setup_steps(plan: MemoryPlan, sizes: Sizes) -> MemoryPlan:
 # --- defaults and settings ---------------------------------------------------------------------------------
 
 def fit_to_gpu(wanted: Sequence[Variant], gpu_total: int, *, go_fast_default: bool, go_fast_input: bool = True,
-               sizes: Sizes | None = None) -> MemoryPlan:
+               sizes: Sizes | None = None, kernel: GoFastKernel | None = None) -> MemoryPlan:
     """The plan for the deployed class on a GPU of gpu_total bytes (real FLUX.1 sizes, counted on meta in a few
-    seconds); wanted: the variants it would keep resident. Raises NotEnoughGpuMemory when the class cannot be
-    served there, so setup fails with the reason instead of the first request running out of memory."""
+    seconds, fp8 variants in this GPU's go_fast `kernel`); wanted: the variants it would keep resident. Raises
+    NotEnoughGpuMemory when the class cannot be served there, so setup fails with the reason instead of the first
+    request running out of memory."""
     demand = demand_for(go_fast_default, go_fast_input, wanted)
-    plan = plan_memory(sizes or real_sizes(), demand, gpu_total=gpu_total, **budgets_from_settings(gpu_total))
+    plan = plan_memory(sizes or real_sizes(kernel=kernel), demand, gpu_total=gpu_total, **budgets_from_settings(gpu_total))
     if not plan.fits:
         raise NotEnoughGpuMemory(plan.error)
     log.info(
