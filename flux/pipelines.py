@@ -3,8 +3,9 @@
 Everything is loaded through a `ModelStore` (weights/store.py): a weights folder, or synthetic weights made on
 the device. Text encoders, tokenizers and VAE are loaded once and shared by every variant; a variant adds only
 its transformer (bf16, or fp8 built by flux/fast/quantize.py from the same bf16 tensors) and its model's
-scheduler. Each component goes straight to the device it runs on. img2img and inpaint pipelines are views built
-with from_pipe, so no weights are copied.
+scheduler. Each component goes straight to the device it runs on. Each mode's pipeline (txt2img, img2img,
+inpaint) is built from those same component objects, so no weights are copied, and none is cast: diffusers'
+from_pipe would cast every shared component to float32 in place when given no dtype.
 
 Every resident variant (FLUX_RESIDENT_VARIANTS, flux/variants.py) is built during setup, fp8 ones compiled and
 warmed up on CUDA (flux/fast/compile.py), so a server that says READY has nothing left to build or compile and
@@ -169,8 +170,8 @@ class FluxPipelines:
         transformer = self.transformer(variant)
         key = (variant, mode)
         if key not in self._pipes:
-            base = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
-            self._pipes[key] = base if mode == "txt2img" else MODES[mode].from_pipe(base)
+            # the mode's class straight from the shared components, never from_pipe (see the module docstring)
+            self._pipes[key] = MODES[mode](**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
             self._pipes[key].set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
         return self._pipes[key]
 
