@@ -30,7 +30,7 @@ from flux.fast.compile import compile_for_serving
 from flux.fast.quantize import build_fp8_transformer, fp8_config
 from flux.offload import offload_between_calls
 from flux.vae import configure_vae
-from flux.variants import MODELS, Variant
+from flux.variants import MODELS, PRECISIONS, Variant
 from weights.store import ModelStore, TensorSource, flux_transformer
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,14 @@ class FluxPipelines:
 
     def is_loaded(self, variant: Variant | str) -> bool:
         return _as_variant(variant) in self._transformers
+
+    def any_transformer(self) -> tuple[Variant, FluxTransformer2DModel]:
+        """A transformer of any variant, for work that needs only a model's module shapes (every precision of a
+        model has the same): one in memory (resident first, then the slot's), never dropping one; with none in
+        memory, the first servable variant is built."""
+        candidates = [*self.resident, self._on_demand, *(Variant(m, p) for m in MODELS for p in PRECISIONS)]
+        variant = next(v for v in candidates if v is not None and v not in self.unavailable)
+        return variant, self.transformer(variant)
 
     def transformer(self, variant: Variant | str) -> FluxTransformer2DModel:
         """The variant's transformer, building it first if it is not in memory."""
