@@ -80,11 +80,13 @@ class LoraState:
             log.info("%s: %d modules, scale %g%s, %s", spec.input_name, len(weights.deltas), spec.scale, fused_as, state)
 
     def preload_default(self) -> None:
-        """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it."""
+        """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it.
+        Converted against a transformer already in memory (a conversion fits every precision of its model), so
+        the preload never drops one, e.g. the compiled warm fp8 variant, nor builds one the GPU has no room for."""
         if self.default_main:
-            variant = next(iter(self._pipelines.resident), Variant("dev"))
+            variant, transformer = self._pipelines.any_transformer()
             spec = LoraSpec(self.default_main, 1.0, MAIN_INPUT, chosen_by_operator=True)
-            self._convert(spec, variant.model, self._pipelines.transformer(variant))
+            self._convert(spec, variant.model, transformer)
 
     def _convert(self, spec: LoraSpec, model: str, transformer: torch.nn.Module, cancelled: Callable[[], bool] | None = None) -> LoraWeights:
         path = fetch_lora(spec.source, input_name=spec.input_name, allow_any_local_path=spec.chosen_by_operator, cancelled=cancelled)

@@ -3,9 +3,10 @@
 Everything is loaded through a `ModelStore` (weights/store.py): a weights folder, or synthetic weights made on
 the device. Text encoders, tokenizers and VAE are loaded once and shared by every variant; a variant adds only
 its transformer (bf16, or go_fast's "fp8" variant built by flux/fast/quantize.py from the same bf16 tensors, in
-the 8-bit kernel flux/fast/kernels.py picks for this GPU) and its model's
-scheduler. Each component goes straight to the device it runs on. img2img and inpaint pipelines are views built
-with from_pipe, so no weights are copied.
+the 8-bit kernel flux/fast/kernels.py picks for this GPU) and its model's scheduler. Each component goes
+straight to the device it runs on. Each mode's pipeline (txt2img, img2img, inpaint) is built from those same
+component objects, so no weights are copied, and none is cast: diffusers' from_pipe would cast every shared
+component to float32 in place when given no dtype.
 
 Every resident variant (FLUX_RESIDENT_VARIANTS, flux/variants.py) is built during setup, fp8 ones compiled and
 warmed up on CUDA (flux/fast/compile.py), so a server that says READY has nothing left to build or compile and
@@ -31,7 +32,7 @@ from flux.fast.kernels import GoFastKernel, go_fast_kernel
 from flux.fast.quantize import build_fp8_transformer
 from flux.offload import offload_between_calls
 from flux.vae import configure_vae
-from flux.variants import MODELS, Variant
+from flux.variants import MODELS, PRECISIONS, Variant
 from weights.store import ModelStore, TensorSource, flux_transformer
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,14 @@ class FluxPipelines:
     def is_loaded(self, variant: Variant | str) -> bool:
         return _as_variant(variant) in self._transformers
 
+    def any_transformer(self) -> tuple[Variant, FluxTransformer2DModel]:
+        """A transformer of any variant, for work that needs only a model's module shapes (every precision of a
+        model has the same): one in memory (resident first, then the slot's), never dropping one; with none in
+        memory, the first servable variant is built."""
+        candidates = [*self.resident, self._on_demand, *(Variant(m, p) for m in MODELS for p in PRECISIONS)]
+        variant = next(v for v in candidates if v is not None and v not in self.unavailable)
+        return variant, self.transformer(variant)
+
     def transformer(self, variant: Variant | str) -> FluxTransformer2DModel:
         """The variant's transformer, building it first if it is not in memory."""
         variant = _as_variant(variant)
@@ -182,8 +191,8 @@ class FluxPipelines:
         transformer = self.transformer(variant)
         key = (variant, mode)
         if key not in self._pipes:
-            base = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
-            self._pipes[key] = base if mode == "txt2img" else MODES[mode].from_pipe(base)
+            # the mode's class straight from the shared components, never from_pipe (see the module docstring)
+            self._pipes[key] = MODES[mode](**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
             self._pipes[key].set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
         return self._pipes[key]
 

@@ -339,6 +339,22 @@ def test_a_compile_failure_at_warm_up_falls_back_to_eager(fresh_pipeline, monkey
     _request_like_generate(fresh_pipeline, 256, 256, images=1)  # serves eagerly
 
 
+def test_a_model_failure_at_warm_up_fails_setup(fresh_pipeline, monkeypatch, caplog):
+    """Issue 18, defect 12: an error that is not compilation's (a device mismatch, an OOM) must not be logged as
+    a compile failure with the server going on to say READY."""
+    def broken_model(_module, _args):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    _compile_with(monkeypatch, CountingBackend())
+    hook = fresh_pipeline.transformer.x_embedder.register_forward_pre_hook(broken_model)  # runs eagerly either way
+    try:
+        with caplog.at_level(logging.INFO, logger="flux.fast.compile"), pytest.raises(RuntimeError, match="same device"):
+            compile_for_serving(fresh_pipeline, max_sequence_length=TEXT_LENGTH, label="dev-fp8")
+    finally:
+        hook.remove()
+    assert "running without compile" not in caplog.text
+
+
 # --- the persistent compile cache --------------------------------------------------------------------------
 
 def test_the_cache_file_sits_beside_the_weights_unless_the_operator_chooses(monkeypatch, tmp_path):

@@ -264,8 +264,9 @@ def save_compile_cache(file: Path) -> int:
 def compile_for_serving(pipeline, *, max_sequence_length: int, label: str, options: dict | None = None) -> CompileReport:
     """At setup, for one txt2img pipeline on CUDA: load the compile cache, compile the transformer's blocks, warm
     them up so no request compiles, and save the cache. Does nothing on CPU or with FLUX_COMPILE=0. If the
-    warm-up fails, the transformer runs eagerly (logged) rather than failing setup. options: Inductor settings
-    for these graphs (go_fast's kernel's, flux/fast/kernels.py)."""
+    warm-up fails because of compilation, the transformer runs eagerly (logged) rather than failing setup; if
+    it fails without compile too, the model is broken and the error fails setup. options: Inductor settings for
+    these graphs (go_fast's kernel's, flux/fast/kernels.py)."""
     transformer = pipeline.transformer
     device = transformer.device
     if not compile_wanted(device):
@@ -285,9 +286,12 @@ def compile_for_serving(pipeline, *, max_sequence_length: int, label: str, optio
     graphs_before = _graphs_captured()
     try:
         warm_up_s = _warm_up_checked(pipeline, max_sequence_length=max_sequence_length, label=label)
-    except Exception:
+    except Exception as error:
         uncompile_transformer(transformer)
-        log.exception("%s: torch.compile failed during warm-up; running without compile", label)
+        # The same warm-up without compile tells the two failures apart: if it fails too, the model does (a
+        # device mismatch, an OOM) and setup must fail with it; if it runs, compilation was at fault.
+        warm_up(pipeline, warm_up_sizes(), max_sequence_length=max_sequence_length)
+        log.warning("%s: torch.compile failed during warm-up; running without compile", label, exc_info=error)
         return CompileReport(compiled=False, cache_load_s=cache_load_s)
     hits = counters["inductor"]["fxgraph_cache_hit"] - before["fxgraph_cache_hit"]
     misses = counters["inductor"]["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]
