@@ -95,8 +95,11 @@ def nvidia_smi_line() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
     query = "name,driver_version,memory.total,power.limit,clocks.max.sm"
-    result = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-                            capture_output=True, text=True, check=False, timeout=60)
+    try:
+        result = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                                capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
 
 
