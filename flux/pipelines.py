@@ -12,7 +12,8 @@ Every resident variant (FLUX_RESIDENT_VARIANTS, flux/variants.py) is built durin
 warmed up on CUDA (flux/fast/compile.py), so a server that says READY has nothing left to build or compile and
 no request ever waits behind a variant it does not use. A variant that is not resident is built when first
 asked for and kept until another non-resident one is asked for, so at most one transformer beyond the resident
-set is ever in memory; whoever holds state for a variant (the LoRA fusers) hears when it is dropped.
+set is ever in memory; whoever holds state for a variant (the LoRA fusers) hears when it is dropped. An fp8 one
+is compiled on the graphs setup compiled, when they fit it (compile_reusing_graphs): no compile, no warm-up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, Fl
 
 import settings
 from errors import UserError
-from flux.fast.compile import compile_for_serving
+from flux.fast.compile import block_shapes, compile_for_serving, compile_reusing_graphs
 from flux.fast.kernels import GoFastKernel, go_fast_kernel
 from flux.fast.quantize import build_fp8_transformer
 from flux.offload import offload_between_calls
@@ -91,6 +92,7 @@ class FluxPipelines:
         self._on_demand: Variant | None = None  # the one non-resident variant in memory, if any
         self._drop_listeners: list[Callable[[Variant], None]] = []
         self._slot_listeners: list[Callable[[bool], None]] = []
+        self._compiled_shapes: set[frozenset] = set()  # block shapes of the fp8 transformers setup compiled
         log.info("Loaded the FLUX text encoders and VAE (%s, %s) in %.2fs", device.type, dtype_name(dtype), time.perf_counter() - started)
         log.info("go_fast's kernel here: %s (%s)", self.go_fast.name, self.go_fast.why)
         for variant in resident:
@@ -122,15 +124,20 @@ class FluxPipelines:
             transformer = flux_transformer(config, source, self.device, self.dtype)
         log.info("Loaded FLUX %s in %.2fs", variant, time.perf_counter() - started)
         if variant.fp8 and compile:
-            # go_fast = 8-bit matmuls + torch.compile (CUDA only, flux/fast/compile.py). Only at setup: compiling and
-            # warming up a variant built for one request would cost that request minutes. bf16 runs eagerly.
+            # go_fast = 8-bit matmuls + torch.compile (CUDA only, flux/fast/compile.py), warmed up at setup. bf16
+            # runs eagerly.
             pipe = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
             pipe.set_progress_bar_config(disable=True)
-            report = compile_for_serving(pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[variant.model],
-                                         label=f"FLUX {variant}", options=self.go_fast.inductor_options)
-            if self.device.type == "cuda" and not report.compiled:
+            label, length = f"FLUX {variant}", MAX_SEQUENCE_LENGTH[variant.model]
+            report = compile_for_serving(pipe, max_sequence_length=length, label=label, options=self.go_fast.inductor_options)
+            if report.compiled:
+                self._compiled_shapes.add(block_shapes(transformer))
+            elif self.device.type == "cuda":
                 log.warning("FLUX %s runs without torch.compile, so go_fast (%s) is slower than bf16 here: the "
                             "quantising and scaling around each matmul run as separate kernels.", variant, self.go_fast.name)
+        elif variant.fp8:  # built for a request: compiled only if setup's graphs fit it, never warmed up here
+            compile_reusing_graphs(transformer, self._compiled_shapes, label=f"FLUX {variant}",
+                                   options=self.go_fast.inductor_options)
         return transformer
 
     def is_loaded(self, variant: Variant | str) -> bool:

@@ -37,9 +37,12 @@ from flux.fast.compile import (
 from flux.fast.kernels import go_fast_kernel, kernel_for
 from flux.fast.lora_fp8 import Fp8LoraFuser
 from flux.fast.quantize import is_quantised, is_quantised_linear, quantise_weight
+from flux.pipelines import FluxPipelines
+from flux.variants import Variant
 from lora.apply import LoraFuser
 from lora.formats import LoraWeights, convert_lora
 from tests.fixtures import lora_factory as factory
+from weights.store import WeightsFolder
 from weights.tiny.flux import tiny_transformer
 
 TEXT_TOKENS = 64  # the transformer's text length is fixed per model; short keeps the test fast
@@ -259,11 +262,15 @@ def tiny_pipeline(tiny_weights):
 
 
 @pytest.fixture
-def fresh_pipeline(tiny_pipeline, monkeypatch, tmp_path):
-    """The tiny pipeline with its transformer not compiled (each test compiles with its own counter), the device
-    gate (tested above) open, and the compile cache in a folder of the test's own."""
+def compile_on_cpu(monkeypatch, tmp_path):
+    """The device gate (tested above) open, and the compile cache in a folder of the test's own."""
     monkeypatch.setattr(fast_compile, "compile_wanted", lambda device: True)
     monkeypatch.setenv("FLUX_COMPILE_CACHE_DIR", str(tmp_path / "compile-cache"))
+
+
+@pytest.fixture
+def fresh_pipeline(tiny_pipeline, compile_on_cpu):
+    """The tiny pipeline with its transformer not compiled (each test compiles with its own counter)."""
     yield tiny_pipeline
     uncompile_transformer(tiny_pipeline.transformer)
 
@@ -353,6 +360,41 @@ def test_a_model_failure_at_warm_up_fails_setup(fresh_pipeline, monkeypatch, cap
     finally:
         hook.remove()
     assert "running without compile" not in caplog.text
+
+
+def _serving(tiny_weights, monkeypatch, backend) -> FluxPipelines:
+    """The 24/48 GiB plan's pipelines: nothing resident, dev-fp8 compiled and warmed up at setup in the slot."""
+    _compile_with(monkeypatch, backend)
+    monkeypatch.setattr(fast_compile, "warm_up_sizes", lambda: [(256, 256), (208, 240)])
+    store = WeightsFolder(tiny_weights.dev, tiny_weights.schnell)
+    return FluxPipelines(store, torch.device("cpu"), torch.float32, resident=(), warm=Variant("dev", "fp8"))
+
+
+def test_an_fp8_variant_built_on_demand_runs_on_setups_graphs(tiny_weights, compile_on_cpu, monkeypatch, caplog):
+    backend = CountingBackend()
+    with caplog.at_level(logging.INFO, logger="flux.fast.compile"):
+        pipelines = _serving(tiny_weights, monkeypatch, backend)
+        assert backend.count == 2 * BLOCK_GRAPHS  # setup's warm-up: batches of 1 and of 2 to 4
+
+        schnell = pipelines.transformer("schnell-fp8")  # the slot's dev-fp8 gives way
+        assert is_compiled(schnell) and not pipelines.is_loaded("dev-fp8")
+        assert "FLUX schnell-fp8: compiled on the graphs setup compiled (no warm-up)" in caplog.text
+        _request_like_generate(pipelines.get("schnell-fp8", "txt2img"), 320, 256, images=1)
+        _request_like_generate(pipelines.get("schnell-fp8", "txt2img"), 256, 384, images=3)
+        dev = pipelines.transformer("dev-fp8")  # built again, on demand this time
+        assert is_compiled(dev)
+        _request_like_generate(pipelines.get("dev-fp8", "txt2img"), 384, 256, images=2)
+    assert backend.count == 2 * BLOCK_GRAPHS  # no graph for either build, nor for their requests
+
+
+def test_an_fp8_variant_built_on_demand_stays_eager_when_setup_compiled_none(tiny_weights, compile_on_cpu, monkeypatch):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("inductor could not build a kernel")
+
+    pipelines = _serving(tiny_weights, monkeypatch, broken_backend)
+    assert not is_compiled(pipelines.transformer("dev-fp8"))  # setup fell back to eager
+    assert not is_compiled(pipelines.transformer("schnell-fp8"))  # so would a request: it is not compiled at all
+    _request_like_generate(pipelines.get("schnell-fp8", "txt2img"), 256, 256, images=1)
 
 
 # --- the persistent compile cache --------------------------------------------------------------------------
