@@ -123,7 +123,10 @@ def test_a_float32_by_bfloat16_matmul_fails_with_cudas_message(gpu):
                       lambda: torch.bmm(activations[None], weight[None])):
         with pytest.raises(RuntimeError, match=message):
             operation()
-    assert F.linear(activations.bfloat16(), weight).dtype == torch.bfloat16
+    bias = torch.zeros(8, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 must have the same dtype, but got Float and BFloat16"):
+        F.linear(activations, weight, bias)  # addmm: torch 2.13's message on CPU and CUDA alike
+    assert F.linear(activations.bfloat16(), weight, bias).dtype == torch.bfloat16
 
 
 def test_module_to_dtype_converts_fake_parameters_as_on_a_gpu(gpu):
