@@ -38,7 +38,7 @@ KNOWN = {
     ("requests", "1-1-1", "FastPredictor"): {"RTX 3090": "2", "RTX 4090": "2", **_AFTER_IMG2IMG},
     ("requests", "1-1-1", "LegacyPredictor"): {"A100 40GB": "2"},
     ("next", "1-1-1", "Predictor"): {"A100 40GB": "2", "L40S": "1", "A6000": "1"},
-    ("next", "1-1-1", "FastPredictor"): _AFTER_IMG2IMG,
+    ("next", "1-1-1", "FastPredictor"): {"RTX 3090": "2", "RTX 4090": "2", **_AFTER_IMG2IMG},
     ("placement", "1-1-1", "Predictor"): {"A100 40GB": "1, 2, 4", **_AFTER_IMG2IMG},
     ("placement", "1-1-1", "FastPredictor"): {"RTX 3090": "2, 4", "RTX 4090": "2, 4", **_AFTER_IMG2IMG},
     ("placement", "1-1-1", "LegacyPredictor"): {"A100 40GB": "2, 4"},
