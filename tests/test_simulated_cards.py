@@ -3,9 +3,7 @@ list of tests/fixtures/simulated_requests.py through FluxGenerator, as cog calls
 
 Both sizes run the product's own GPU memory plan for the card: with the 1/1/1 real-width model (every card) the
 placement is the card's, the memory never tight; at full size (19/38/24 layers: a 24, an 80 and a 141 GiB card) the
-memory is the real one. Each check (tests/fixtures/simulated_table.py) is its own test. The cases issue 18's open
-defects break today are marked xfail(strict=True) with the defects' numbers: when the fixes merge, those cases pass,
-strict xfail fails them, and the marks come off.
+memory is the real one. Each check (tests/fixtures/simulated_table.py) is its own test.
 """
 
 from __future__ import annotations
@@ -28,50 +26,17 @@ SERVES = {  # the cards whose setup serves the class today; the others refuse wi
     "FastPredictor": ("RTX 3090", "RTX 4090", *BF16_CLASS_CARDS),
     "LegacyPredictor": BF16_CLASS_CARDS,
 }
-# What each check meets today: (check, size, class) -> {card: defects of issue 18}. T5 waits in host memory on the
-# A100 40GB (Predictor, LegacyPredictor) and on the 24 GiB cards (FastPredictor): defect 2 fails its encodings,
-# defect 4 then leaves it on the GPU. Defect 1 (img2img turns the models to float32) breaks the fp8 and LoRA
-# requests after it, and doubles their bytes. Every out-of-memory error is raw (defect 7).
-_AFTER_IMG2IMG = {name: "1" for name in BF16_CLASS_CARDS[1:]}
-KNOWN = {
-    ("requests", "1-1-1", "Predictor"): {"A100 40GB": "1, 2", **_AFTER_IMG2IMG},
-    ("requests", "1-1-1", "FastPredictor"): {"RTX 3090": "2", "RTX 4090": "2", **_AFTER_IMG2IMG},
-    ("requests", "1-1-1", "LegacyPredictor"): {"A100 40GB": "2"},
-    ("next", "1-1-1", "Predictor"): {"A100 40GB": "2", "L40S": "1", "A6000": "1"},
-    ("next", "1-1-1", "FastPredictor"): {"RTX 3090": "2", "RTX 4090": "2", **_AFTER_IMG2IMG},
-    ("placement", "1-1-1", "Predictor"): {"A100 40GB": "1, 2, 4", **_AFTER_IMG2IMG},
-    ("placement", "1-1-1", "FastPredictor"): {"RTX 3090": "2, 4", "RTX 4090": "2, 4", **_AFTER_IMG2IMG},
-    ("placement", "1-1-1", "LegacyPredictor"): {"A100 40GB": "2, 4"},
-    ("bytes", "1-1-1", "Predictor"): {"A100 40GB": "1, 4, 11", **_AFTER_IMG2IMG},
-    ("bytes", "1-1-1", "FastPredictor"): {"RTX 3090": "4, 11", "RTX 4090": "4, 11", **_AFTER_IMG2IMG},
-    ("bytes", "1-1-1", "LegacyPredictor"): {"A100 40GB": "4, 11"},
-    ("requests", "full", "Predictor"): {"H100": "1", "H200": "1"},
-    ("requests", "full", "FastPredictor"): {"RTX 4090": "2, 4", "H100": "1", "H200": "1"},
-    ("next", "full", "Predictor"): {"H100": "1", "H200": "1"},
-    ("next", "full", "FastPredictor"): {"H100": "1", "H200": "1"},
-    ("placement", "full", "Predictor"): {"H100": "1", "H200": "1"},
-    ("placement", "full", "FastPredictor"): {"RTX 4090": "2, 4", "H100": "1", "H200": "1"},
-    ("bytes", "full", "Predictor"): {"H100": "1", "H200": "1"},
-    ("bytes", "full", "FastPredictor"): {"RTX 4090": "4, 11", "H100": "1", "H200": "1"},
-}
-for _size, (_, _, _cards) in SIZES.items():  # no out-of-memory error is turned into a clear one yet
-    for _klass in DEPLOYED:
-        KNOWN[("out of memory", _size, _klass)] = {name: "7" for name in SERVES[_klass] if name in _cards}
 
 
 def cases(check: str, *, serving_only: bool = True) -> list:
-    """(size, class, card) for every class and card (those that serve, for checks of requests), each marked
-    xfail(strict=True) where KNOWN says this check meets an open defect."""
+    """(size, class, card) for every class and card (those that serve, for checks of requests)."""
     params = []
     for size, (_, _, cards) in SIZES.items():
         for klass in DEPLOYED:
             for name in cards:
                 if serving_only and name not in SERVES[klass]:
                     continue
-                defects = KNOWN.get((check, size, klass), {}).get(name)
-                reason = f"defect{'s' if ',' in (defects or '') else ''} {defects} of issue 18"
-                marks = [pytest.mark.xfail(strict=True, reason=reason)] if defects else []
-                params.append(pytest.param(size, klass, name, marks=marks, id=f"{size}-{klass}-{name.replace(' ', '')}"))
+                params.append(pytest.param(size, klass, name, id=f"{size}-{klass}-{name.replace(' ', '')}"))
     return params
 
 
