@@ -89,7 +89,7 @@ def _inner_bytes(weight: torch.Tensor) -> int:
 @pytest.mark.parametrize(("capability", "dtype"), [(None, FP32), (None, BF16), ((8, 6), BF16), ((8, 6), FP32),
                                                     ((9, 0), BF16), ((9, 0), FP32)], ids=str)
 def test_each_kernels_bytes_are_what_torchao_stores(capability, dtype, allow_gpu_config_on_cpu):
-    """The memory plan counts kernel.weight_bytes (flux/fast/memory.py): data, scales and int8's zero points."""
+    """The memory plan counts kernel.weight_bytes (flux/fast/sizes.py): data, scales and int8's zero points."""
     kernel = kernel_for(capability, dtype)
     for rows, columns in [(3072, 3072), (12288, 3072), (3072, 15360)]:
         weight = quantise_weight(torch.randn(rows, columns, dtype=dtype), kernel.config)
@@ -152,8 +152,8 @@ def test_lora_state_fuses_on_int8_and_restores_the_build(int8_pipelines, tmp_pat
 
 
 def test_the_memory_plan_counts_int8_by_its_kernel():
-    from flux.fast.memory import module_bytes
     from flux.fast.quantize import is_quantised_linear
+    from flux.fast.sizes import module_bytes
     from weights.tiny.flux import tiny_transformer
 
     transformer = tiny_transformer(guidance_embeds=True)

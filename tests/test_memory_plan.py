@@ -13,7 +13,7 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 
 import predict
-from flux.fast import memory
+from flux.fast import memory, sizes
 from flux.fast.kernels import go_fast_kernel
 from flux.fast.memory import (
     GIB,
@@ -21,17 +21,15 @@ from flux.fast.memory import (
     HOST,
     LAZY,
     RESIDENT,
-    T5,
     UNAVAILABLE,
     Demand,
     NotEnoughGpuMemory,
-    Sizes,
     demand_for,
     fit_to_gpu,
-    module_bytes,
     plan_memory,
 )
 from flux.fast.quantize import is_quantised_linear, quantise_weight
+from flux.fast.sizes import T5, Sizes, module_bytes
 from flux.variants import Variant
 from weights.pinned import SLAB_BYTES, arena_bytes, caching_host_bytes
 from weights.real_configs import TRANSFORMER
@@ -64,19 +62,19 @@ def test_counting_matches_the_tensors_torchao_makes(dtype):
 def test_lora_originals_count_every_linear_weight_in_bf16():
     transformer = tiny_transformer(guidance_embeds=True)
     linears = [m for m in transformer.modules() if isinstance(m, nn.Linear)]
-    assert memory.linear_weight_bytes(transformer) == 2 * sum(m.weight.numel() for m in linears)
+    assert sizes.linear_weight_bytes(transformer) == 2 * sum(m.weight.numel() for m in linears)
 
 
 # --- the real components, on meta ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def real_models():
-    return memory.build_on_meta()
+    return sizes.build_on_meta()
 
 
 @pytest.fixture(scope="module")
 def real_sizes(real_models):
-    return memory.real_sizes(real_models)
+    return sizes.real_sizes(real_models)
 
 
 def _parameters(module: nn.Module) -> int:
