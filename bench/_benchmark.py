@@ -187,10 +187,11 @@ def main() -> int:
 
 def print_memory_plan(as_json: bool, sizes=None) -> int:
     """Each deployed class on each GPU of memory.GPU_SIZES_GIB: docs/gpus.md's tables, or one JSON object
-    {"<GiB>": {"<class>": {"fits": ..., "error": ..., "resident": [...], ...}}}. sizes: memory.real_sizes()."""
+    {"<GiB>": {"<class>": {"fits": ..., "error": ..., "resident": [...], ...}}}. sizes: real_sizes() (flux/fast/sizes.py)."""
     from flux.fast import memory
+    from flux.fast.sizes import real_sizes
 
-    sizes = sizes or memory.real_sizes()
+    sizes = sizes or real_sizes()
     plans = memory.plans_by_gpu(sizes)
     if as_json:
         print(json.dumps({str(gpu): {name: plan_json(plan) for name, plan in by_class.items()} for gpu, by_class in plans.items()}, indent=2))

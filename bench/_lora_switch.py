@@ -29,8 +29,9 @@ import torch  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402
 from torch import nn  # noqa: E402
 
+from flux.fast.kernels import go_fast_kernel  # noqa: E402
 from flux.fast.lora_fp8 import fuser_for  # noqa: E402
-from flux.fast.quantize import build_fp8_transformer, fp8_config, is_quantised_linear  # noqa: E402
+from flux.fast.quantize import build_fp8_transformer, is_quantised_linear  # noqa: E402
 from lora.deltas import LoraDelta  # noqa: E402
 from lora.formats import LoraWeights  # noqa: E402
 from weights.real_configs import TRANSFORMER  # noqa: E402
@@ -110,7 +111,7 @@ def forward(transformer: nn.Module, size: int = 256, text_tokens: int = 512) -> 
 
 
 def measure(label: str, transformer: nn.Module, source: StateDictSource, loras: list[LoraWeights], repeats: int) -> None:
-    fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=fp8_config(torch.device("cpu"), torch.float32))
+    fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=go_fast_kernel(torch.device("cpu"), torch.float32).config)
     a, b = loras
     floor_b = Floor(source, b)
     fuser.apply([(a, 1.0)])  # takes the originals once, as the first LoRA request does
@@ -149,7 +150,7 @@ def main() -> None:
     measure("model dtype (bf16 on a GPU)", bf16, source, loras, args.repeats)
     if not args.skip_fp8:
         cpu = torch.device("cpu")
-        fp8 = build_fp8_transformer(bf16.config, source, cpu, torch.float32, fp8_config(cpu, torch.float32))
+        fp8 = build_fp8_transformer(bf16.config, source, cpu, torch.float32, go_fast_kernel(cpu, torch.float32).config)
         del bf16
         measure("fp8 (weight-only on CPU)", fp8, source, loras, args.repeats)
 

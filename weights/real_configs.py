@@ -1,6 +1,6 @@
 """The real configs of FLUX.1's components: facts of the public checkpoints, in one place.
 
-weights/synthetic/components.py builds these on the meta device, for flux/fast/memory.py to count bytes
+weights/synthetic/components.py builds these on the meta device, for flux/fast/sizes.py to count bytes
 (tests/test_memory_plan.py checks the parameter counts) and to write a synthetic weights folder.
 """
 
