@@ -8,6 +8,9 @@ on every Linear of the blocks (full coverage, as ai-toolkit trains them). Figure
 - back after none: a request without a LoRA (restore), then LoRA A again: the second step is timed;
 - per request: one transformer forward at 256x256 with the LoRA fused / without (the cost a LoRA that stays adds).
 fp8 rows use the weight-only fp8 build of the same weights (CPU's go_fast), the LoRA re-quantised from bf16.
+
+--multi N prints instead one figure for MultiLoraPredictor: fusing N LoRAs on the same Linears / fusing one
+(goal for N = 4: <= 1.5, as the fuser passes over each touched weight once, whatever the number of LoRAs).
 """
 
 from __future__ import annotations
@@ -134,17 +137,60 @@ def measure(label: str, transformer: nn.Module, source: StateDictSource, loras: 
           f"  -> {statistics.median(with_lora) / statistics.median(without):4.2f} (goal <= 1.05)", flush=True)
 
 
+class StackedFloor:
+    """What fusing these LoRAs must do at least per touched weight: one copy of the original and one GEMM of
+    the LoRAs' factors stacked along the rank (the arithmetic grows with the LoRAs; the pass does not)."""
+
+    def __init__(self, source: StateDictSource, loras: list[LoraWeights]):
+        paths = list(loras[0].deltas)
+        self.originals = [source.tensor(path.removeprefix("transformer.") + ".weight") for path in paths]
+        self.scratch = [torch.empty_like(weight) for weight in self.originals]
+        self.ups = [torch.cat([lora.deltas[path].up for lora in loras], dim=1) for path in paths]
+        self.downs = [torch.cat([lora.deltas[path].down for lora in loras], dim=0) for path in paths]
+
+    def __call__(self) -> None:
+        for original, scratch, up, down in zip(self.originals, self.scratch, self.ups, self.downs, strict=True):
+            scratch.copy_(original)
+            scratch.addmm_(up, down)
+
+
+def measure_multi(transformer: nn.Module, source: StateDictSource, count: int, repeats: int) -> None:
+    """One LoRA fused vs `count` LoRAs on the same Linears, each step a full rewrite of the touched weights."""
+    fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=fp8_config(torch.device("cpu"), torch.float32))
+    loras = [full_coverage_lora(transformer, seed) for seed in range(1, count + 1)]
+    one, many = [(loras[0], 1.0)], [(lora, 1.0) for lora in loras]
+    floor_one, floor_many = StackedFloor(source, loras[:1]), StackedFloor(source, loras)
+    fuser.apply(one)  # takes the originals once, as the first LoRA request does
+    times: dict[str, list[float]] = {"one": [], "many": [], "floor one": [], "floor many": []}
+    for _ in range(repeats):  # interleaved; each apply differs from the last, so it rewrites every touched weight
+        times["many"].append(timed(lambda: fuser.apply(many)))
+        times["floor many"].append(timed(floor_many))
+        times["one"].append(timed(lambda: fuser.apply(one)))
+        times["floor one"].append(timed(floor_one))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    ratio, floor_ratio = median["many"] / median["one"], median["floor many"] / median["floor one"]
+    print(f"  fuse 1 LoRA                      {median['one']:7.3f}s  (floor {median['floor one']:.3f}s)")
+    print(f"  fuse {count} LoRAs (same Linears)     {median['many']:7.3f}s  (floor {median['floor many']:.3f}s)")
+    print(f"  -> {ratio:4.2f}x one LoRA (goal <= 1.5 for 4); the floor's own ratio here {floor_ratio:4.2f}x "
+          f"(copy + one stacked GEMM: the GEMM's arithmetic grows with the LoRAs)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--double", type=int, default=1)
     parser.add_argument("--single", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-fp8", action="store_true")
+    parser.add_argument("--multi", type=int, metavar="N", help="fusing N LoRAs / fusing one, in the model dtype")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; FLUX.1 transformer at real widths, "
           f"{args.double} double + {args.single} single blocks, fp32 (the CPU model dtype)", flush=True)
     bf16 = real_width_transformer(args.double, args.single)
     source = StateDictSource(bf16)
+    if args.multi:
+        print(f"rank-{RANK} LoRAs on every block Linear, model dtype:")
+        measure_multi(bf16, source, args.multi, args.repeats)
+        return
     loras = [full_coverage_lora(bf16, seed) for seed in (1, 2)]
     measure("model dtype (bf16 on a GPU)", bf16, source, loras, args.repeats)
     if not args.skip_fp8:
