@@ -27,6 +27,10 @@ def own_schema_file(class_name: str) -> Path:
     return ROOT / ".cog" / "schemas" / f"{class_name}.json"
 
 
+def _shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def _unwrap_optional(annotation: object) -> tuple[object, bool]:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -217,14 +221,14 @@ def main() -> int:
     if args.check:
         stale = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
         for path in stale:
-            print(f"{path.relative_to(ROOT)} is stale; run script/schema and commit it.", file=sys.stderr)
+            print(f"{_shown(path)} is stale; run script/schema and commit it.", file=sys.stderr)
         if not stale:
-            print(", ".join(str(path.relative_to(ROOT)) for path in files) + " are current.")
+            print(", ".join(str(_shown(path)) for path in files) + " are current.")
         return 1 if stale else 0
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {_shown(path)}")
     return 0
 
 
