@@ -137,21 +137,25 @@ def measure(label: str, transformer: nn.Module, source: StateDictSource, loras: 
           f"  -> {statistics.median(with_lora) / statistics.median(without):4.2f} (goal <= 1.05)", flush=True)
 
 
-class StackedFloor:
-    """What fusing these LoRAs must do at least per touched weight: one copy of the original and one GEMM of
-    the LoRAs' factors stacked along the rank (the arithmetic grows with the LoRAs; the pass does not)."""
+class FuseFloor:
+    """What fusing these LoRAs must do at least per touched weight: copy the original, then add every B@A, either
+    as one GEMM of the factors stacked along the rank (one pass over the weight; the arithmetic still grows with
+    the LoRAs) or as one GEMM per LoRA (a pass each, as the fuser did before MultiLoraPredictor)."""
 
-    def __init__(self, source: StateDictSource, loras: list[LoraWeights]):
+    def __init__(self, source: StateDictSource, loras: list[LoraWeights], scratch: list[torch.Tensor], *, stacked: bool):
+        """scratch: one buffer per touched weight, allocated once and shared by the floors (memory)."""
         paths = list(loras[0].deltas)
         self.originals = [source.tensor(path.removeprefix("transformer.") + ".weight") for path in paths]
-        self.scratch = [torch.empty_like(weight) for weight in self.originals]
-        self.ups = [torch.cat([lora.deltas[path].up for lora in loras], dim=1) for path in paths]
-        self.downs = [torch.cat([lora.deltas[path].down for lora in loras], dim=0) for path in paths]
+        self.scratch = scratch
+        groups = [[lora] for lora in loras] if not stacked else [loras]
+        self.factors = [[(torch.cat([lora.deltas[path].up for lora in group], dim=1),
+                          torch.cat([lora.deltas[path].down for lora in group], dim=0)) for group in groups] for path in paths]
 
     def __call__(self) -> None:
-        for original, scratch, up, down in zip(self.originals, self.scratch, self.ups, self.downs, strict=True):
+        for original, scratch, factors in zip(self.originals, self.scratch, self.factors, strict=True):
             scratch.copy_(original)
-            scratch.addmm_(up, down)
+            for up, down in factors:
+                scratch.addmm_(up, down)
 
 
 def measure_multi(transformer: nn.Module, source: StateDictSource, count: int, repeats: int) -> None:
@@ -159,20 +163,32 @@ def measure_multi(transformer: nn.Module, source: StateDictSource, count: int, r
     fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=fp8_config(torch.device("cpu"), torch.float32))
     loras = [full_coverage_lora(transformer, seed) for seed in range(1, count + 1)]
     one, many = [(loras[0], 1.0)], [(lora, 1.0) for lora in loras]
-    floor_one, floor_many = StackedFloor(source, loras[:1]), StackedFloor(source, loras)
+    scratch = [torch.empty(delta.shape) for delta in loras[0].deltas.values()]
+    steps = {
+        "fuse 1": lambda: fuser.apply(one),
+        f"fuse {count}": lambda: fuser.apply(many),
+        "floor 1": FuseFloor(source, loras[:1], scratch, stacked=True),
+        f"floor {count}, one pass": FuseFloor(source, loras, scratch, stacked=True),
+        f"floor {count}, a pass each": FuseFloor(source, loras, scratch, stacked=False),
+    }
     fuser.apply(one)  # takes the originals once, as the first LoRA request does
-    times: dict[str, list[float]] = {"one": [], "many": [], "floor one": [], "floor many": []}
-    for _ in range(repeats):  # interleaved; each apply differs from the last, so it rewrites every touched weight
-        times["many"].append(timed(lambda: fuser.apply(many)))
-        times["floor many"].append(timed(floor_many))
-        times["one"].append(timed(lambda: fuser.apply(one)))
-        times["floor one"].append(timed(floor_one))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):  # interleaved; fuse 1 and fuse N alternate, so each rewrites every touched weight
+        for name, step in steps.items():
+            times[name].append(timed(step))
     median = {name: statistics.median(values) for name, values in times.items()}
-    ratio, floor_ratio = median["many"] / median["one"], median["floor many"] / median["floor one"]
-    print(f"  fuse 1 LoRA                      {median['one']:7.3f}s  (floor {median['floor one']:.3f}s)")
-    print(f"  fuse {count} LoRAs (same Linears)     {median['many']:7.3f}s  (floor {median['floor many']:.3f}s)")
-    print(f"  -> {ratio:4.2f}x one LoRA (goal <= 1.5 for 4); the floor's own ratio here {floor_ratio:4.2f}x "
-          f"(copy + one stacked GEMM: the GEMM's arithmetic grows with the LoRAs)", flush=True)
+    for name, seconds in median.items():
+        print(f"  {name:<28} {seconds:7.3f}s  -> {seconds / median[name.split(' ')[0] + ' 1']:4.2f}x its 1-LoRA figure")
+    print(f"  fusing {count} LoRAs / fusing 1: {median[f'fuse {count}'] / median['fuse 1']:4.2f}x (goal <= 1.5 for 4; "
+          f"one pass per weight, so the rest is the GEMM's arithmetic, {count}x that of one LoRA)", flush=True)
+
+
+def multi_lora(count: int, repeats: int, double: int = 1, single: int = 0) -> None:
+    """script/benchmark --multi-lora and script/lora_switch --multi: the fused-once figure."""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; FLUX.1 transformer at real widths, "
+          f"{double} double + {single} single blocks, fp32 (the CPU model dtype); rank-{RANK} LoRAs on every block Linear", flush=True)
+    model = real_width_transformer(double, single)
+    measure_multi(model, StateDictSource(model), count, repeats)
 
 
 def main() -> None:
@@ -183,14 +199,12 @@ def main() -> None:
     parser.add_argument("--skip-fp8", action="store_true")
     parser.add_argument("--multi", type=int, metavar="N", help="fusing N LoRAs / fusing one, in the model dtype")
     args = parser.parse_args()
+    if args.multi:
+        return multi_lora(args.multi, args.repeats, args.double, args.single)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; FLUX.1 transformer at real widths, "
           f"{args.double} double + {args.single} single blocks, fp32 (the CPU model dtype)", flush=True)
     bf16 = real_width_transformer(args.double, args.single)
     source = StateDictSource(bf16)
-    if args.multi:
-        print(f"rank-{RANK} LoRAs on every block Linear, model dtype:")
-        measure_multi(bf16, source, args.multi, args.repeats)
-        return
     loras = [full_coverage_lora(bf16, seed) for seed in (1, 2)]
     measure("model dtype (bf16 on a GPU)", bf16, source, loras, args.repeats)
     if not args.skip_fp8:
