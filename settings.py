@@ -45,6 +45,9 @@ _declare("FLUX_CUDNN_ATTENTION", "0", "`1`: prefer cuDNN's fused attention on Ho
 _declare("FLUX_GPU_MEMORY_GB", "", "GPU memory the plan may use, GiB (default: the GPU's total less 0.6 GiB; 79 without a GPU)")
 _declare("FLUX_GPU_RESERVE_GB", "10", "GPU memory the plan keeps free for activations (up to 1440x1440 x 4; T5 takes this room while it encodes when it waits in host memory), GiB")
 
+# --- output files --------------------------------------------------------------------------------------------
+_declare("FLUX_WRITE_METADATA", "0", "`1`: each image file says how it was made (prompt, seed, model, steps, guidance, size, go_fast and the precision that ran, each LoRA's source without query string or server folder, and its scale, the project's version): PNG in a `parameters` text chunk, WebP and JPEG in XMP. Off by default, as on the hosted model: a prompt inside a shared image can surprise its owner")
+
 # --- request files -------------------------------------------------------------------------------------------
 _declare("FLUX_INPUT_LOCAL_DIRS", "", "folders a request's `image`/`mask` paths may come from besides uploads (`:`-separated; unset: none)")
 

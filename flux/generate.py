@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import shutil
 import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -16,7 +18,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import settings
+from errors import UserError
+from flux.fast.kernels import GoFastKernel, go_fast_kernel
+from flux.lora_scales import configured_fused_scales
 from flux.lora_state import LoraState
+from flux.metadata import image_records
 from flux.output import save_images
 from flux.pipelines import MAX_SEQUENCE_LENGTH, FluxPipelines, dtype_name, pick_device, pick_dtype
 from flux.request import GenerationRequest
@@ -27,6 +34,8 @@ from weights.locations import WeightPaths, resolve_weight_paths
 from weights.store import ModelStore, WeightsFolder
 
 log = logging.getLogger(__name__)
+
+_SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}  # as FLUX_DTYPE and the variants name them
 
 
 class RunCancelled(Exception):
@@ -72,10 +81,12 @@ class FluxGenerator:
             )
         self.device = pick_device()
         self.dtype = pick_dtype(self.device)
+        self._has_go_fast = has_go_fast
         placement = Placement(resident=resident_variants(go_fast_default))  # CPU, tiny weights: no plan needed
         if self.device.type == "cuda" and not weights.tiny:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            placement = _memory_plan(placement.resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast)
+            placement = _memory_plan(placement.resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast,
+                                     kernel=go_fast_kernel(self.device, self.dtype))
         self.pipelines = FluxPipelines(
             store or WeightsFolder(weights.dev, weights.schnell), self.device, self.dtype, resident=placement.resident,
             unavailable=placement.unavailable, t5_on_host=placement.t5_on_host, vae_tiling=placement.vae_tiling,
@@ -108,6 +119,16 @@ class FluxGenerator:
             raise
 
     def _run(self, request: GenerationRequest) -> list[Path]:
+        """_generate(), with running out of GPU memory anywhere in it (a LoRA fuse, a variant's build, denoising,
+        the VAE) told to the user as what to change, once the memory is free for the next request."""
+        try:
+            return self._generate(request)
+        except torch.OutOfMemoryError as error:
+            log.warning("Out of GPU memory: %s", error)
+            _free_memory(error, self.device)
+            raise out_of_memory_error(request, go_fast_input=self._has_go_fast) from error
+
+    def _generate(self, request: GenerationRequest) -> list[Path]:
         log.info("Using seed: %d", request.seed)
         log.info("Mode: %s, model: %s, %dx%d, %d step(s)", request.mode, request.model, request.width, request.height, request.num_inference_steps)
         variant = self._variant(request)
@@ -115,9 +136,10 @@ class FluxGenerator:
         with phase("Denoising"):
             images = self._denoise(request, variant)
         out_dir = self._fresh_output_dir()
+        records = self._records(request, variant) if settings.flag("FLUX_WRITE_METADATA") else None
         with phase("Safety check and encoding"), ThreadPoolExecutor(max_workers=1) as pool:
             # encode while the checker runs; files of dropped images are deleted before anyone sees them
-            encoding = pool.submit(save_images, list(enumerate(images)), request.output_format, request.output_quality, out_dir)
+            encoding = pool.submit(save_images, list(enumerate(images)), request.output_format, request.output_quality, out_dir, records)
             try:
                 report = self.safety.check(images, disabled=request.disable_safety_checker)
             finally:
@@ -133,8 +155,16 @@ class FluxGenerator:
         if request.go_fast and reason:
             log.info("go_fast: running in %s instead of fp8 because of %s.", dtype_name(self.dtype), reason)
         elif request.go_fast:
-            log.info("go_fast: running the fp8 transformer (%s).", type(self.pipelines.fp8_config).__name__)
+            log.info("go_fast: running FLUX %s (%s).", variant, self.pipelines.go_fast.name)
         return variant
+
+    def _records(self, request: GenerationRequest, variant: Variant) -> list[dict]:
+        """What each image's file says about how it was made (flux/metadata.py): the LoRAs as `prepare` fused
+        them, the deployment's main LoRA included, and the precision that ran."""
+        loras = self.loras.requested(request)
+        fused = configured_fused_scales([spec.scale for spec in loras], fp8=variant.fp8)
+        precision = self.pipelines.go_fast.precision if variant.fp8 else _SHORT_DTYPE_NAMES[self.dtype]
+        return image_records(request, loras, precision=precision, fused_scales=fused)
 
     def _denoise(self, request: GenerationRequest, variant: Variant) -> list[Image.Image]:
         pipe = self.pipelines.get(variant, request.mode)
@@ -182,6 +212,31 @@ class FluxGenerator:
             shutil.rmtree(self._last_out_dir, ignore_errors=True)
 
 
+def out_of_memory_error(request: GenerationRequest, *, go_fast_input: bool) -> UserError:
+    """The user's side of a request that ran out of GPU memory: the inputs that decide how much it needs."""
+    size = f"{request.width}x{request.height}"
+    changes = [f"fewer num_outputs than {request.num_outputs}"] if request.num_outputs > 1 else []
+    if request.image is not None:
+        changes.append(f"a smaller image input than {size}")
+    else:
+        changes.append(f"a smaller size than {size} (megapixels, or width and height with aspect_ratio=custom)")
+    bf16_anyway = go_fast_fallback(has_image=request.image is not None, has_mask=request.mask is not None,
+                                   custom_size=request.custom_size)
+    if go_fast_input and not request.go_fast and not bf16_anyway:
+        changes.append("go_fast=true")  # the fp8 transformer leaves more room
+    return UserError(f"The GPU ran out of memory for this request ({request.num_outputs} x {size}); "
+                     f"try {', or '.join(changes)}.")
+
+
+def _free_memory(error: BaseException, device: torch.device) -> None:
+    """Free what the failed request held: its frames' tensors (the error's traceback keeps them alive otherwise,
+    and it stays the cause of the user's error), then the CUDA cache, so the next request has the memory."""
+    traceback.clear_frames(error.__traceback__)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where things live, as FluxPipelines and LoraState take it: the GPU memory plan's decisions on CUDA with
@@ -195,12 +250,13 @@ class Placement:
     originals_budget: OriginalsBudget | None = None
 
 
-def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default: bool, has_go_fast: bool) -> Placement:
+def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default: bool, has_go_fast: bool,
+                 kernel: GoFastKernel) -> Placement:
     """The GPU memory plan's decisions (flux/fast/memory.py). Refuses setup, naming the GPU's size and what would
     fit, when the deployed class cannot be served here."""
     from flux.fast.memory import HOST, UNAVAILABLE, fit_to_gpu
 
-    plan = fit_to_gpu(wanted, gpu_total, go_fast_default=go_fast_default, go_fast_input=has_go_fast)
+    plan = fit_to_gpu(wanted, gpu_total, go_fast_default=go_fast_default, go_fast_input=has_go_fast, kernel=kernel)
     # the slot's room serves the LoRA originals too while no variant is built into it (flux/lora_state.py)
     originals_budget = OriginalsBudget(plan.lora_originals_gpu, lendable=plan.slot)
     if plan.warm_slot is not None:

@@ -93,11 +93,12 @@ class LoraState:
             log.info("%s: %d modules, scale %g%s, %s", spec.input_name, len(weights.deltas), spec.scale, fused_as, state)
 
     def preload_default(self) -> None:
-        """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it."""
+        """Fetch and convert the deployment's main LoRA at setup, so the first request does not wait for it.
+        Converted against a transformer already in memory (a conversion fits every precision of its model), so
+        the preload never drops one, e.g. the compiled warm fp8 variant, nor builds one the GPU has no room for."""
         if self.default_main:
-            variant = next(iter(self._pipelines.resident), Variant("dev"))
-            self._load([LoraSpec(self.default_main, 1.0, MAIN_INPUT, chosen_by_operator=True)], variant.model,
-                       self._pipelines.transformer(variant))
+            variant, transformer = self._pipelines.any_transformer()
+            self._load([LoraSpec(self.default_main, 1.0, MAIN_INPUT, chosen_by_operator=True)], variant.model, transformer)
 
     def _load(self, specs: list[LoraSpec], model: str, transformer: torch.nn.Module,
               cancelled: Callable[[], bool] | None = None) -> list[LoraWeights]:
@@ -140,15 +141,16 @@ class LoraState:
         if variant not in self._fusers:
             self._fusers[variant] = fuser_for(
                 transformer, self._pipelines.text_encoder, source=self._pipelines.originals(variant.model),
-                dtype=self._pipelines.dtype, config=self._pipelines.fp8_config, originals_budget=self._originals_budget,
+                dtype=self._pipelines.dtype, config=self._pipelines.go_fast.config, originals_budget=self._originals_budget,
             )
         return self._fusers[variant]
 
     def _forget(self, variant: Variant) -> None:
-        """The pipelines drop this variant: take its LoRAs off the shared text encoder and free its originals."""
+        """The pipelines drop this variant: take its LoRAs off the shared text encoder and free its originals (its
+        transformer is left as it is: it goes next)."""
         fuser = self._fusers.pop(variant, None)
         if fuser is not None:
-            fuser.release()
+            fuser.release(outliving=("text_encoder",))
 
     def _slot_in_use(self, in_use: bool) -> None:
         """The slot's room is lent to GPU originals while no variant is built into it: take it back (moving the

@@ -2,15 +2,18 @@
 
 Everything is loaded through a `ModelStore` (weights/store.py): a weights folder, or synthetic weights made on
 the device. Text encoders, tokenizers and VAE are loaded once and shared by every variant; a variant adds only
-its transformer (bf16, or fp8 built by flux/fast/quantize.py from the same bf16 tensors) and its model's
-scheduler. Each component goes straight to the device it runs on. img2img and inpaint pipelines are views built
-with from_pipe, so no weights are copied.
+its transformer (bf16, or go_fast's "fp8" variant built by flux/fast/quantize.py from the same bf16 tensors, in
+the 8-bit kernel flux/fast/kernels.py picks for this GPU) and its model's scheduler. Each component goes
+straight to the device it runs on. Each mode's pipeline (txt2img, img2img, inpaint) is built from those same
+component objects, so no weights are copied, and none is cast: diffusers' from_pipe would cast every shared
+component to float32 in place when given no dtype.
 
 Every resident variant (FLUX_RESIDENT_VARIANTS, flux/variants.py) is built during setup, fp8 ones compiled and
 warmed up on CUDA (flux/fast/compile.py), so a server that says READY has nothing left to build or compile and
 no request ever waits behind a variant it does not use. A variant that is not resident is built when first
 asked for and kept until another non-resident one is asked for, so at most one transformer beyond the resident
-set is ever in memory; whoever holds state for a variant (the LoRA fusers) hears when it is dropped.
+set is ever in memory; whoever holds state for a variant (the LoRA fusers) hears when it is dropped. An fp8 one
+is compiled on the graphs setup compiled, when they fit it (compile_reusing_graphs): no compile, no warm-up.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, Fl
 
 import settings
 from errors import UserError
-from flux.fast.compile import compile_for_serving
-from flux.fast.quantize import build_fp8_transformer, fp8_config
+from flux.fast.compile import block_shapes, compile_for_serving, compile_reusing_graphs
+from flux.fast.kernels import GoFastKernel, go_fast_kernel
+from flux.fast.quantize import build_fp8_transformer
 from flux.offload import offload_between_calls
 from flux.vae import configure_vae
-from flux.variants import MODELS, Variant
+from flux.variants import MODELS, PRECISIONS, Variant
 from weights.store import ModelStore, TensorSource, flux_transformer
 
 log = logging.getLogger(__name__)
@@ -65,16 +69,17 @@ class FluxPipelines:
     def __init__(
         self, store: ModelStore, device: torch.device, dtype: torch.dtype, resident: tuple[Variant, ...], *,
         unavailable: frozenset[Variant] = frozenset(), t5_on_host: bool = False, vae_tiling: bool = False,
-        warm: Variant | None = None,
+        warm: Variant | None = None, go_fast: GoFastKernel | None = None,
     ):
         """resident: the variants built now and kept (flux/variants.py resident_variants). From the GPU memory
         plan: unavailable variants (no room for them here), T5 waiting in host memory between requests, whether
         the VAE decodes large images in tiles (flux/vae.py), and the variant that waits in the slot from setup
-        when none fits resident (built and compiled now, then dropped for the next one asked for)."""
+        when none fits resident (built and compiled now, then dropped for the next one asked for). go_fast: the
+        fp8 variant's kernel, default this device's (flux/fast/kernels.py; tests pass another GPU's to run it on CPU)."""
         started = time.perf_counter()
         self.store, self.device, self.dtype, self.resident = store, device, dtype, resident
         self.unavailable = unavailable
-        self.fp8_config = fp8_config(device, dtype)  # also what LoRAs on fp8 are re-quantised with
+        self.go_fast = go_fast or go_fast_kernel(device, dtype)  # its config also re-quantises LoRAs on the fp8 variant
         host = torch.device("cpu")
         self._shared = store.shared_components(device, dtype, t5_device=host if t5_on_host else None)
         if t5_on_host:
@@ -87,7 +92,9 @@ class FluxPipelines:
         self._on_demand: Variant | None = None  # the one non-resident variant in memory, if any
         self._drop_listeners: list[Callable[[Variant], None]] = []
         self._slot_listeners: list[Callable[[bool], None]] = []
+        self._compiled_shapes: set[frozenset] = set()  # block shapes of the fp8 transformers setup compiled
         log.info("Loaded the FLUX text encoders and VAE (%s, %s) in %.2fs", device.type, dtype_name(dtype), time.perf_counter() - started)
+        log.info("go_fast's kernel here: %s (%s)", self.go_fast.name, self.go_fast.why)
         for variant in resident:
             self._transformers[variant] = self._build(variant, compile=True)
         if warm is not None:
@@ -112,20 +119,37 @@ class FluxPipelines:
         started = time.perf_counter()
         config, source = self.store.transformer_config(variant.model), self.originals(variant.model)
         if variant.fp8:
-            transformer = build_fp8_transformer(config, source, self.device, self.dtype, self.fp8_config)
+            transformer = build_fp8_transformer(config, source, self.device, self.dtype, self.go_fast.config)
         else:
             transformer = flux_transformer(config, source, self.device, self.dtype)
         log.info("Loaded FLUX %s in %.2fs", variant, time.perf_counter() - started)
         if variant.fp8 and compile:
-            # go_fast = fp8 + torch.compile (CUDA only, flux/fast/compile.py). Only at setup: compiling and warming
-            # up a variant built for one request would cost that request minutes. bf16 runs eagerly.
+            # go_fast = 8-bit matmuls + torch.compile (CUDA only, flux/fast/compile.py), warmed up at setup. bf16
+            # runs eagerly.
             pipe = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
             pipe.set_progress_bar_config(disable=True)
-            compile_for_serving(pipe, max_sequence_length=MAX_SEQUENCE_LENGTH[variant.model], label=f"FLUX {variant}")
+            label, length = f"FLUX {variant}", MAX_SEQUENCE_LENGTH[variant.model]
+            report = compile_for_serving(pipe, max_sequence_length=length, label=label, options=self.go_fast.inductor_options)
+            if report.compiled:
+                self._compiled_shapes.add(block_shapes(transformer))
+            elif self.device.type == "cuda":
+                log.warning("FLUX %s runs without torch.compile, so go_fast (%s) is slower than bf16 here: the "
+                            "quantising and scaling around each matmul run as separate kernels.", variant, self.go_fast.name)
+        elif variant.fp8:  # built for a request: compiled only if setup's graphs fit it, never warmed up here
+            compile_reusing_graphs(transformer, self._compiled_shapes, label=f"FLUX {variant}",
+                                   options=self.go_fast.inductor_options)
         return transformer
 
     def is_loaded(self, variant: Variant | str) -> bool:
         return _as_variant(variant) in self._transformers
+
+    def any_transformer(self) -> tuple[Variant, FluxTransformer2DModel]:
+        """A transformer of any variant, for work that needs only a model's module shapes (every precision of a
+        model has the same): one in memory (resident first, then the slot's), never dropping one; with none in
+        memory, the first servable variant is built."""
+        candidates = [*self.resident, self._on_demand, *(Variant(m, p) for m in MODELS for p in PRECISIONS)]
+        variant = next(v for v in candidates if v is not None and v not in self.unavailable)
+        return variant, self.transformer(variant)
 
     def transformer(self, variant: Variant | str) -> FluxTransformer2DModel:
         """The variant's transformer, building it first if it is not in memory."""
@@ -138,7 +162,12 @@ class FluxPipelines:
             log.info("FLUX %s is not resident (FLUX_RESIDENT_VARIANTS); building it now.", variant)
             for listener in self._slot_listeners:
                 listener(True)
-            self._transformers[variant] = self._build(variant)
+            try:
+                self._transformers[variant] = self._build(variant)
+            except BaseException:  # e.g. out of GPU memory: nothing was built into the slot, so it is empty again
+                for listener in self._slot_listeners:
+                    listener(False)
+                raise
             self._on_demand = variant
         return self._transformers[variant]
 
@@ -169,8 +198,8 @@ class FluxPipelines:
         transformer = self.transformer(variant)
         key = (variant, mode)
         if key not in self._pipes:
-            base = FluxPipeline(**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
-            self._pipes[key] = base if mode == "txt2img" else MODES[mode].from_pipe(base)
+            # the mode's class straight from the shared components, never from_pipe (see the module docstring)
+            self._pipes[key] = MODES[mode](**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
             self._pipes[key].set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
         return self._pipes[key]
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from lora.deltas import LoraDelta, WeightDelta, dora_change
 from lora.formats import LoraWeights
+from weights.pinned import PinnedArena
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,6 @@ class _Term:
     delta: WeightDelta
     scale: float  # the user's scale
     lora: LoraWeights  # the whole LoRA, for the parts of a fused layer (norm_group)
-
-
-def _pinned_copy(tensor: Tensor) -> Tensor:
-    """An exact host copy of a GPU tensor, in pinned memory (the GPU reads it back without a staging copy)."""
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda")
-    return host.copy_(tensor)
 
 
 class OriginalsBudget:
@@ -113,6 +108,7 @@ class LoraFuser:
         self._changed: set[str] = set()  # the modules that now differ from their originals
         self._active: tuple[tuple[str, float], ...] = ()  # (identity, scale) of the fused LoRAs
         self._column_norms: dict[tuple[int, tuple[str, ...]], Tensor] = {}  # during apply: fused layers' DoRA norms
+        self._host: PinnedArena | None = None  # originals moved to the host, in a few pinned slabs
 
     @property
     def active(self) -> tuple[tuple[str, float], ...]:
@@ -170,15 +166,23 @@ class LoraFuser:
         self._active = ()
         self._restore_all()
 
-    def release(self) -> None:
-        """reset(), then let go of the kept originals (when the model itself is about to be dropped)."""
-        self.reset()
+    def release(self, outliving: Collection[str] | None = None) -> None:
+        """Let go of the kept originals: the model is about to be dropped. Only the modules of the components in
+        `outliving` (None: all of them) are restored first, e.g. ("text_encoder",), the CLIP encoder every variant
+        shares: writing into a transformer that is dropped next is wasted (on fp8, a re-quantisation of every
+        touched weight). The fuser then knows only those components."""
+        outliving = self._components if outliving is None else outliving
+        self._active = ()
+        self._restore_all(keep={path for path in self._changed if path.partition(".")[0] not in outliving})
         if self._budget is not None:
             self._budget.give(sum(n for where, n in self.kept_originals.items() if where != "cpu"))
         self._backups.clear()
+        self._changed.clear()
+        self._host = None  # its slabs go with the last original
+        self._components = {name: module for name, module in self._components.items() if name in outliving}
 
     def _restore_all(self, keep: Container[str] = frozenset()) -> None:
-        """Restore every changed module except those in `keep` (which the caller is about to write)."""
+        """Restore every changed module except those in `keep` (which the caller is about to write, or drop)."""
         for path in [path for path in self._changed if path not in keep]:
             self.restore(self._module(path), self._backups[path])
             self._changed.discard(path)  # only once restored, so a failure can still restore it
@@ -194,7 +198,7 @@ class LoraFuser:
             if not on_device:
                 continue
             self._backups[path] = replace(backup, **{
-                field: _pinned_copy(tensor) for field, tensor in vars(backup).items()
+                field: self._host_copy(tensor) for field, tensor in vars(backup).items()
                 if isinstance(tensor, Tensor) and tensor.device.type != "cpu"
             })
             moved = sum(t.nbytes for t in on_device)
@@ -207,9 +211,32 @@ class LoraFuser:
         """An exact copy of `tensor` where the originals of weights on `device` live: on that device while the
         budget lasts (always, for the CPU), else in pinned host memory, which the GPU reads without staging."""
         tensor = tensor.detach()
-        if device.type == "cpu" or self._budget is None or self._budget.take(tensor.nbytes):
+        counted = device.type != "cpu" and self._budget is not None
+        if counted and not self._budget.take(tensor.nbytes):
+            return self._host_copy(tensor)
+        try:
             return tensor.to(device, copy=True)
-        return _pinned_copy(tensor)
+        except BaseException:
+            if counted:  # taken before the copy: a copy that failed (out of memory) must not keep its bytes
+                self._budget.give(tensor.nbytes)
+            raise
+
+    def keep_backup(self, weight: Tensor, bias: Tensor | None, device: torch.device) -> Backup:
+        """Backup(keep(weight), keep(bias)), all or nothing: a bias that cannot be kept gives the weight's bytes back."""
+        kept = self.keep(weight, device)
+        try:
+            return Backup(kept, None if bias is None else self.keep(bias, device))
+        except BaseException:
+            if self._budget is not None and kept.device.type != "cpu":  # on the device, so counted
+                self._budget.give(kept.nbytes)
+            raise
+
+    def _host_copy(self, tensor: Tensor) -> Tensor:
+        """An exact host copy, in the fuser's pinned slabs (weights/pinned.py: pinned one by one, each original
+        would be rounded up to a power of two), which the GPU reads back without a staging copy."""
+        if self._host is None:
+            self._host = PinnedArena(pin=tensor.device.type == "cuda")
+        return self._host.copy(tensor)
 
     @staticmethod
     def float32_on(tensor: Tensor, device: torch.device) -> Tensor:
@@ -222,8 +249,7 @@ class LoraFuser:
 
     def snapshot(self, module: nn.Linear) -> Backup:
         """An exact copy of the module's original parameters."""
-        device = module.weight.device
-        return Backup(self.keep(module.weight, device), None if module.bias is None else self.keep(module.bias, device))
+        return self.keep_backup(module.weight, module.bias, module.weight.device)
 
     def restore(self, module: nn.Linear, backup: Backup) -> None:
         with torch.no_grad():

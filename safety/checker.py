@@ -2,7 +2,9 @@
 
 Stage 1, CompVis' StableDiffusionSafetyChecker (CLIP), looks at the whole batch. Only the images it flags go to
 stage 2, Falconsai/nsfw_image_detection (a ViT classifier), which has the last word: an image is unsafe when
-stage 2's label is not "normal" or when stage 2 fails on it.
+stage 2's label is not "normal" or when stage 2 fails on it. A failure drops the image (fail closed), but the
+report keeps it apart from a verdict, so the user reads that the checker failed and why, not "NSFW content";
+after an out-of-memory error the CUDA cache is emptied, so the next image or request has the room.
 
     checker = SafetyChecker.load(stage1_dir, stage2_dir, device)      # once, at setup
     report = checker.check(images, disabled=disable_safety_checker)   # per request
@@ -104,13 +106,9 @@ class SafetyChecker:
                 log.warning("Safety checker dropped image %d: %s.", verdict.index, verdict.describe())
             elif verdict.stage1_flagged:
                 log.info("Safety checker kept image %d: %s.", verdict.index, verdict.describe())
-        log.info(
-            "Safety check took %.2fs: %d image(s), %d flagged by stage 1, %d dropped",
-            report.seconds,
-            len(verdicts),
-            sum(verdict.stage1_flagged for verdict in verdicts),
-            len(report.dropped_indices),
-        )
+        if note := report.failure_note():
+            log.warning(note)
+        log.info("Safety check took %.2fs: %s", report.seconds, report.summary())
         return report
 
     def _stage1_flags(self, images: Sequence[Image.Image]) -> tuple[list[bool], str | None]:
@@ -123,10 +121,12 @@ class SafetyChecker:
             placeholders = np.zeros((len(images), 1))
             with torch.inference_mode():
                 _, has_nsfw_concepts = self.stage1_model(clip_input=pixels, images=placeholders)
+            return [bool(flag) for flag in has_nsfw_concepts], None
         except Exception as error:  # any failure: fail closed, see above
-            log.warning("Safety checker stage 1 failed (%s); sending every image to stage 2.", _summary(error))
-            return [True] * len(images), _summary(error)
-        return [bool(flag) for flag in has_nsfw_concepts], None
+            failure, out_of_memory = _summary(error), isinstance(error, torch.OutOfMemoryError)
+        _free_cache_after(out_of_memory)
+        log.warning("Safety checker stage 1 failed (%s); sending every image to stage 2.", failure)
+        return [True] * len(images), failure
 
     def _with_stage2(self, verdict: ImageVerdict, image: Image.Image) -> ImageVerdict:
         """Classify one flagged image. One at a time, so a failure condemns only the image it happened on."""
@@ -134,11 +134,23 @@ class SafetyChecker:
             inputs = self.stage2_processor(images=image, return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 logits = self.stage2_model(**inputs).logits
-            label = self.stage2_model.config.id2label[int(logits[0].argmax())]
+            return replace(verdict, stage2_label=self.stage2_model.config.id2label[int(logits[0].argmax())])
         except Exception as error:  # any failure makes the image unsafe
-            return replace(verdict, stage2_error=_summary(error))
-        return replace(verdict, stage2_label=label)
+            failure, out_of_memory = _summary(error), isinstance(error, torch.OutOfMemoryError)
+        _free_cache_after(out_of_memory)
+        return replace(verdict, stage2_error=failure)
 
 
 def _summary(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"
+    """"torch.OutOfMemoryError: CUDA out of memory. ...", "KeyError: 1": the type as the user can look it up."""
+    kind = type(error)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{name}: {error}"
+
+
+def _free_cache_after(out_of_memory: bool) -> None:
+    """After an OOM, hand the memory the failed forward had cached back, so the next image, stage or request has
+    room. Called once the except block has ended: until then its traceback keeps the forward's tensors alive.
+    A no-op where CUDA never started."""
+    if out_of_memory:
+        torch.cuda.empty_cache()

@@ -96,7 +96,7 @@ def render(pipelines: FluxPipelines | FluxPipeline, variant: str, *, size: int, 
 def fp8_fusers(pipelines: FluxPipelines, transformer=None, config=None) -> tuple[Fp8LoraFuser, Fp8LoraFuser]:
     """(ours, dequantise-add-requantise) fusers on an fp8 dev transformer (default: the dev-fp8 variant)."""
     transformer = transformer or pipelines.transformer("dev-fp8")
-    config = config or pipelines.fp8_config
+    config = config or pipelines.go_fast.config
     checkpoint, dtype = pipelines.originals("dev"), pipelines.dtype
     ours = Fp8LoraFuser({"transformer": transformer}, config=config,
                         read_source=lambda path, device: checkpoint.read(path.removeprefix("transformer.") + ".weight", device, dtype))
@@ -164,8 +164,8 @@ def main() -> None:
     pipelines = tiny_pipelines()
     dtype = dtype_name(pipelines.dtype)
     folder, device = pipelines.store.folder("dev"), pipelines.device
-    build = median_seconds(lambda: load_fp8_transformer(folder, device, pipelines.dtype, pipelines.fp8_config), 3)
-    print(f"Tiny FLUX on {pipelines.device.type}, base dtype {dtype}, fp8 config {type(pipelines.fp8_config).__name__}")
+    build = median_seconds(lambda: load_fp8_transformer(folder, device, pipelines.dtype, pipelines.go_fast.config), 3)
+    print(f"Tiny FLUX on {pipelines.device.type}, base dtype {dtype}, go_fast kernel {pipelines.go_fast.name}")
     print(f"fp8 transformer build from the checkpoint: {build * 1000:.0f} ms (median of 3)")
     with tempfile.TemporaryDirectory() as tmp:
         transformer = pipelines.transformer("dev-bf16")

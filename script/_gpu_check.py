@@ -5,13 +5,15 @@ VAE on the GPU (the safety models are written to a scratch folder, about 0.8 GB,
 folders). flux.generate.FluxGenerator then runs as under Predictor/FastPredictor: the same pipelines, fp8
 build, LoRA fusers and compile_for_serving. Stages, cheapest first; each figure is printed and OUT/gpu_check.json
 rewritten as it lands, so a run cut short keeps what it measured:
-1. device, driver, torch and CUDA versions, free memory;
+1. device (torch.cuda's facts; nvidia-smi's line too where it is installed), torch, CUDA and cuDNN versions, free
+   memory, and the allocator settings (cog.yaml's `environment:`, set here as in the image unless already set);
 2. setup phases: shared components, bf16 and fp8 builds, safety checker; later compile + warm-up per model;
 3. dev (28 steps) and schnell (4 steps) at 1024x1024: bf16 eager, fp8 eager, fp8 compiled, each without and with
    a synthetic full-coverage rank-16 LoRA; median of 3 (1 with --quick) after one unmeasured run, with the text
    encoding, denoise, VAE decode and safety phases (script/_benchmark_phases.py's clock);
 4. the switch between two cached LoRAs per variant (LoraState.prepare, as a request runs it);
 5. peak GPU memory per row, and graphs Dynamo compiled during a row after the warm-up (0 = no recompile);
+   a row is "compiled" only if its transformer's blocks are (a compile that failed says so, and runs eagerly);
 6. the VAE decoding 4 images at 1440x1440: time and peak memory.
 --cpu runs every stage on the 1/1/1 real-width model in bf16 at 128x128 with one step (requests are shrunk after
 validation, as no preset is that small; one variant resident, the others built when their rows start; nothing
@@ -25,11 +27,13 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +78,31 @@ class Plan:
     warm_runs = property(lambda self: 0 if self.cpu and self.quick else 1)
 
 
+def set_cog_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
+    """cog.yaml's `environment:` (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), as the deployed image has it,
+    except the variables the user set. Call before torch is imported: its CUDA allocator reads them once.
+    Returns what it set."""
+    from script.cog_inputs import cog_environment
+
+    missing = {name: value for name, value in cog_environment().items() if name not in environ}
+    environ.update(missing)
+    return missing
+
+
+def nvidia_smi_line() -> str | None:
+    """nvidia-smi's view of the GPU (driver, power limit, clocks), or None where it is not installed or fails:
+    a container may have the driver's libraries without the tool."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = "name,driver_version,memory.total,power.limit,clocks.max.sm"
+    try:
+        result = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                                capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+
+
 def configure_environment(plan: Plan, workdir: Path) -> None:
     """Settings the product reads, before it is imported: all four variants resident, built eagerly (the compiled
     rows compile later, in stage 3), LoRAs from the scratch folder, nothing cached outside it."""
@@ -93,17 +122,20 @@ def configure_environment(plan: Plan, workdir: Path) -> None:
 def device_stage(report: Report) -> None:
     import torch
 
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     if not torch.cuda.is_available():
         report.add("device", f"device: CPU ({torch.get_num_threads()} threads), torch {versions['torch']}", **versions)
         return
     free, total = torch.cuda.mem_get_info()
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True, check=False).stdout.strip() or "unknown"
-    name = torch.cuda.get_device_name()
-    report.add("device", f"device: {name}, driver {driver}, torch {versions['torch']}, CUDA {versions['cuda']}, "
-               f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free", name=name, driver=driver,
-               free_gib=round(free / 2**30, 2), total_gib=round(total / 2**30, 2), **versions)
+    card = torch.cuda.get_device_properties()
+    facts = {"name": card.name, "capability": f"{card.major}.{card.minor}", "multiprocessors": card.multi_processor_count,
+             "cudnn": torch.backends.cudnn.version(), "free_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2)}
+    report.add("device", f"device: {card.name} (compute {facts['capability']}, {card.multi_processor_count} SMs), torch "
+               f"{versions['torch']}, CUDA {versions['cuda']}, cuDNN {facts['cudnn']}, {facts['free_gib']:.1f} of "
+               f"{facts['total_gib']:.1f} GiB free, PYTORCH_CUDA_ALLOC_CONF={versions['alloc_conf']}", **facts, **versions)
+    if line := nvidia_smi_line():
+        report.add("device", f"nvidia-smi: {line}", nvidia_smi=line)
 
 
 def setup_stage(report: Report, plan: Plan, workdir: Path):
@@ -154,8 +186,9 @@ def build_stage(report: Report, generator, variant: str) -> None:
                seconds=round(seconds, 3))
 
 
-def compile_stage(report: Report, generator, model: str) -> None:
-    """compile_for_serving on the model's fp8 pipeline, as setup runs it for a resident fp8 variant."""
+def compile_stage(report: Report, generator, model: str):
+    """compile_for_serving on the model's fp8 pipeline, as setup runs it for a resident fp8 variant; its
+    CompileReport (compiled=False: the compile failed and the transformer runs eagerly, as logged)."""
     from flux.fast.compile import compile_for_serving
     from flux.pipelines import MAX_SEQUENCE_LENGTH
 
@@ -166,6 +199,27 @@ def compile_stage(report: Report, generator, model: str) -> None:
     seconds = time.perf_counter() - started
     report.add("setup", f"setup: compile + warm-up {model}-fp8 {seconds:.1f}s ({result})", phase=f"compile {model}-fp8",
                seconds=round(seconds, 2), **dataclasses.asdict(result))
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """Whether a row ran compiled, read from its transformer, and whether a compile was asked for and failed."""
+
+    compiled: bool
+    failed: bool
+
+    @classmethod
+    def of(cls, transformer, compile_report=None) -> Compiled:
+        """compile_report: compile_stage's CompileReport for the rows meant to run compiled, None for eager rows."""
+        from flux.fast.compile import is_compiled
+
+        return cls(is_compiled(transformer), compile_report is not None and not compile_report.compiled)
+
+    def label(self, variant: str) -> str:
+        if self.compiled:
+            return f"{variant} compiled"
+        return f"{variant} eager (compile failed)" if self.failed else variant
 
 
 # --- stage 3-5: the rows --------------------------------------------------------------------------------------
@@ -191,12 +245,14 @@ class Rows:
             request = dataclasses.replace(request, width=self.plan.side, height=self.plan.side)
         return request
 
-    def row(self, model: str, go_fast: bool, compiled: bool, lora: str | None) -> None:
+    def row(self, model: str, go_fast: bool, compile_report, lora: str | None) -> None:
+        """compile_report: compile_stage's, for a row meant to run compiled; None for an eager row."""
         import torch
         from torch._dynamo.utils import counters
 
         variant = f"{model}-{'fp8' if go_fast else 'bf16'}"
-        label = f"{variant}{' compiled' if compiled else ''}"
+        compiled = Compiled.of(self.generator.pipelines.transformer(variant), compile_report)
+        label = compiled.label(variant)
         request = self.request(model, go_fast, lora)
         for _ in range(self.plan.warm_runs):
             self.generator.run(request)  # unmeasured: fetches and converts the LoRA
@@ -211,11 +267,12 @@ class Rows:
         line = (f"{label:<21}{request.num_inference_steps:>4} steps  LoRA {'yes' if lora else 'no ':<4}"
                 + "".join(f" {phase} {value:7.3f}" for phase, value in medians.items())
                 + f"  peak {peak if peak is not None else '-'} GiB  graphs compiled {recompiled}")
-        self.report.add("row", line, variant=variant, compiled=compiled, lora=bool(lora),
+        self.report.add("row", line, variant=variant, compiled=compiled.compiled, compile_failed=compiled.failed,
+                        lora=bool(lora),
                         steps=request.num_inference_steps, size=[request.width, request.height], runs=len(runs),
                         median_s=medians, peak_gib=peak, graphs_compiled=recompiled)
 
-    def switch(self, model: str, go_fast: bool, compiled: bool) -> None:
+    def switch(self, model: str, go_fast: bool, compile_report) -> None:
         """Seconds of LoraState.prepare going from one cached LoRA to the other (both fetched and converted)."""
         from flux.variants import Variant
 
@@ -224,10 +281,11 @@ class Rows:
         self.generator.loras.prepare(requests[1], variant)  # converts the second LoRA once
         times = [self.clock.run(lambda r=requests[i % 2]: self.generator.loras.prepare(r, variant))["total"]
                  for i in range(1 if self.plan.quick else 2 * self.plan.repeats)]
-        label = f"{variant}{' compiled' if compiled else ''}"
+        compiled = Compiled.of(self.generator.pipelines.transformer(variant), compile_report)
         median = round(statistics.median(times), 3)
-        self.report.add("switch", f"switch {label}: {median:.3f}s (median of {len(times)})", variant=str(variant),
-                        compiled=compiled, median_s=median, runs=len(times))
+        self.report.add("switch", f"switch {compiled.label(str(variant))}: {median:.3f}s (median of {len(times)})",
+                        variant=str(variant), compiled=compiled.compiled, compile_failed=compiled.failed,
+                        median_s=median, runs=len(times))
 
 
 # --- stage 6 and the whole run --------------------------------------------------------------------------------
@@ -278,21 +336,23 @@ def run(plan: Plan, out: Path) -> None:
     rows = Rows(report, plan, generator, loras)
     for model in ("dev", "schnell"):
         for go_fast, compiled in ((False, False), (True, False), (True, True)):
+            compile_report = None
             if compiled:
                 if plan.cpu:
                     report.add("setup", f"setup: no compiled rows for {model}-fp8 (nothing compiles on CPU)")
                     continue
-                compile_stage(report, generator, model)
+                compile_report = compile_stage(report, generator, model)
             if not compiled:
                 build_stage(report, generator, f"{model}-{'fp8' if go_fast else 'bf16'}")
-            rows.row(model, go_fast, compiled, None)
-            rows.row(model, go_fast, compiled, loras[0])
-            rows.switch(model, go_fast, compiled)
+            rows.row(model, go_fast, compile_report, None)
+            rows.row(model, go_fast, compile_report, loras[0])
+            rows.switch(model, go_fast, compile_report)
     vae_stage(report, plan, generator)
     report.add("done", f"done in {time.perf_counter() - report.started:.1f}s; figures in {report.path}")
 
 
 def main(argv: list[str]) -> int:
+    set_cog_environment(os.environ)  # first: before anything imports torch
     parser = argparse.ArgumentParser(prog="script/gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="the 1/1/1 real-width model at 256x256 on CPU (a test)")
     parser.add_argument("--quick", action="store_true", help="one measured run per row instead of 3")

@@ -32,8 +32,9 @@ import torch  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402
 from torch import nn  # noqa: E402
 
+from flux.fast.kernels import go_fast_kernel  # noqa: E402
 from flux.fast.lora_fp8 import fuser_for  # noqa: E402
-from flux.fast.quantize import build_fp8_transformer, fp8_config, is_quantised_linear  # noqa: E402
+from flux.fast.quantize import build_fp8_transformer, is_quantised_linear  # noqa: E402
 from lora.deltas import LoraDelta  # noqa: E402
 from lora.formats import LoraWeights  # noqa: E402
 from weights.real_configs import TRANSFORMER  # noqa: E402
@@ -113,7 +114,7 @@ def forward(transformer: nn.Module, size: int = 256, text_tokens: int = 512) -> 
 
 
 def measure(label: str, transformer: nn.Module, source: StateDictSource, loras: list[LoraWeights], repeats: int) -> None:
-    fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=fp8_config(torch.device("cpu"), torch.float32))
+    fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=go_fast_kernel(torch.device("cpu"), torch.float32).config)
     a, b = loras
     floor_b = Floor(source, b)
     fuser.apply([(a, 1.0)])  # takes the originals once, as the first LoRA request does
@@ -160,7 +161,7 @@ class FuseFloor:
 
 def measure_multi(transformer: nn.Module, source: StateDictSource, count: int, repeats: int) -> None:
     """One LoRA fused vs `count` LoRAs on the same Linears, each step a full rewrite of the touched weights."""
-    fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=fp8_config(torch.device("cpu"), torch.float32))
+    fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=go_fast_kernel(torch.device("cpu"), torch.float32).config)
     loras = [full_coverage_lora(transformer, seed) for seed in range(1, count + 1)]
     one, many = [(loras[0], 1.0)], [(lora, 1.0) for lora in loras]
     scratch = [torch.empty(delta.shape) for delta in loras[0].deltas.values()]
@@ -209,7 +210,7 @@ def main() -> None:
     measure("model dtype (bf16 on a GPU)", bf16, source, loras, args.repeats)
     if not args.skip_fp8:
         cpu = torch.device("cpu")
-        fp8 = build_fp8_transformer(bf16.config, source, cpu, torch.float32, fp8_config(cpu, torch.float32))
+        fp8 = build_fp8_transformer(bf16.config, source, cpu, torch.float32, go_fast_kernel(cpu, torch.float32).config)
         del bf16
         measure("fp8 (weight-only on CPU)", fp8, source, loras, args.repeats)
 

@@ -1,12 +1,13 @@
-"""LoRA strength on fp8 weights at FLUX.1's real widths (1 double + 1 single block): per layer and at the output.
-Run: script/real_width_fp8
+"""LoRA strength on go_fast's 8-bit weights at FLUX.1's real widths (1 double + 1 single block): per layer and at the
+output. Run: script/real_width_fp8
 
-Two ways of putting a LoRA on an fp8 transformer (the same torchao build for both):
+Two ways of putting a LoRA on an fp8 transformer (the same torchao build for both; "fp8" also stands for int8 here):
 - requantise from bf16 (ours, flux/fast/lora_fp8.py): W_fp8' = quantise(W + ΔW), W the checkpoint's weight;
 - dequantise-add-requantise: W_fp8' = quantise(dequantise(W_fp8) + ΔW), which rounds twice.
 Strength per layer = <dequant(W_fp8') - dequant(W_fp8), ΔW> / |ΔW|², ΔW = scale·(alpha/rank)·B·A in float32, with
-bf16 weights (the GPU's), for CPU's weight-only config and the CUDA config (Float8DynamicActivationFloat8Weight,
-whose weights torchao builds on CPU too; its forward needs a GPU).
+bf16 weights (the GPU's), for each kernel go_fast runs (flux/fast/kernels.py): CPU's fp8 weight-only, fp8 x fp8
+from capability 8.9 (Float8DynamicActivationFloat8Weight, whose weights torchao builds on CPU too; its forward
+needs a GPU) and int8 x int8 below it (Int8DynamicActivationInt8Weight, CPU too).
 Strength at the output = <out_fp8_lora - out_fp8, out_lora - out> / |out_lora - out|² for one transformer forward at
 256×256 (1024 image tokens), weight-only fp8, in float32 (the CPU product's dtype). Not bf16: one bf16 forward's own
 rounding moves the output far more than the LoRA does (the last line prints both), so a bf16 "reference change"
@@ -32,19 +33,20 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow  # noqa: E402
 
+from flux.fast.kernels import kernel_for  # noqa: E402
 from flux.fast.lora_fp8 import Fp8LoraFuser  # noqa: E402
-from flux.fast.quantize import is_fp8, is_quantised_linear, quantise_weight  # noqa: E402
+from flux.fast.quantize import is_quantised, is_quantised_linear, quantise_weight  # noqa: E402
 from lora.apply import LoraFuser  # noqa: E402
 from lora.formats import LoraWeights, convert_lora  # noqa: E402
 from tests.fixtures.lora_factory import LAYOUTS, make_spec  # noqa: E402
 from tests.fixtures.real_width import IMAGE_SIZE, TEXT_TOKENS, float32_copy, real_width_modules, transformer_inputs  # noqa: E402
 
 TARGET_RATIO, RANK = 0.03, 16  # median ‖scale·ΔW‖/‖W‖ per layer, as real FLUX LoRAs; a common trainer rank
-CONFIGS = {
-    "weight-only (CPU)": Float8WeightOnlyConfig(granularity=PerRow()),
-    "dynamic-activation (CUDA)": Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+CONFIGS = {  # go_fast's kernels (flux/fast/kernels.py), as on CPU, on capability >= 8.9 and below it
+    "weight-only (CPU)": kernel_for(None, torch.float32).config,
+    "dynamic-activation (CUDA)": kernel_for((9, 0), torch.bfloat16).config,
+    "int8 (CUDA < 8.9)": kernel_for((8, 6), torch.bfloat16).config,
 }
 OURS, DEQUANTISE_ADD_REQUANTISE = "requantise from bf16 (ours)", "dequantise-add-requantise"
 METHODS = (OURS, DEQUANTISE_ADD_REQUANTISE)
@@ -106,6 +108,7 @@ def fusers(fp8: nn.Module, bf16: nn.Module, config, dtype: torch.dtype) -> dict[
 
 
 def _dequantised(qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-row symmetric quantisation, as every kernel here (int8's zero points are all 0)."""
     return qdata.to(torch.float32) * scale.reshape(-1, 1)
 
 
@@ -115,7 +118,7 @@ def exactly_restored(fp8: nn.Module) -> Iterator[dict[nn.Module, tuple[torch.Ten
     dequantise-add-requantise fuser's own reset quantises its (dequantised, bf16-rounded) source again, which
     need not give the build's bits back."""
     saved = {module: (module.weight.qdata.clone(), module.weight.scale.clone())
-             for module in fp8.modules() if isinstance(module, nn.Linear) and is_fp8(module.weight)}
+             for module in fp8.modules() if isinstance(module, nn.Linear) and is_quantised(module.weight)}
     try:
         yield saved
     finally:
@@ -134,7 +137,7 @@ def layer_strengths(fp8: nn.Module, fuser: Fp8LoraFuser, lora: LoraWeights, scal
             fuser.apply([(lora, scale)])
             for path, delta in lora.deltas.items():
                 weight = submodule(fp8, path).weight
-                if not is_fp8(weight):
+                if not is_quantised(weight):
                     continue
                 change = _dequantised(weight.qdata, weight.scale).sub_(_dequantised(*before[submodule(fp8, path)]))
                 exact = delta.weight_delta().mul_(scale * delta.factor)
@@ -227,17 +230,19 @@ def main() -> None:
           + ", ".join(f"{median_delta_ratio(lora, bf16):.4f}" for lora in loras) + f" (seeds {OUTPUT_SEEDS})")
     for config_name, config in CONFIGS.items():
         fp8 = fp8_copy(bf16, config)
-        print(f"\nstrength per layer, fp8 {config_name}, bf16 weights (LoRA seed {OUTPUT_SEEDS[0]})")
+        print(f"\nstrength per layer, {config_name}, bf16 weights (LoRA seed {OUTPUT_SEEDS[0]})")
         for method, fuser in fusers(fp8, bf16, config, torch.bfloat16).items():
             print(f"  {method:<30} {summary(layer_strengths(fp8, fuser, loras[0]))}", flush=True)
         del fp8
-    print(f"\nstrength at the transformer output, fp8 weight-only, float32 ({IMAGE_SIZE}x{IMAGE_SIZE}, {TEXT_TOKENS} text tokens, one forward)")
-    figures = output_strengths(bf16, loras)
-    print("  the LoRA changes the output by " + ", ".join(f"{change:.4f}" for change in figures.lora_change)
-          + f"; fp8 without LoRA moves it by {figures.fp8_error:.4f} (relative norms)")
-    for method in METHODS:
-        cells = [figures.strengths[index, method] for index in range(len(loras))]
-        print(f"  {method:<30} " + "   ".join(f"{strength:.4f} (cos {cos:.3f})" for strength, cos in cells))
+    for config_name in ("weight-only (CPU)", "int8 (CUDA < 8.9)"):  # the kernels whose forward runs on CPU
+        print(f"\nstrength at the transformer output, {config_name}, float32 ({IMAGE_SIZE}x{IMAGE_SIZE}, "
+              f"{TEXT_TOKENS} text tokens, one forward)")
+        figures = output_strengths(bf16, loras, config=CONFIGS[config_name])
+        print("  the LoRA changes the output by " + ", ".join(f"{change:.4f}" for change in figures.lora_change)
+              + f"; quantising without LoRA moves it by {figures.fp8_error:.4f} (relative norms)")
+        for method in METHODS:
+            cells = [figures.strengths[index, method] for index in range(len(loras))]
+            print(f"  {method:<30} " + "   ".join(f"{strength:.4f} (cos {cos:.3f})" for strength, cos in cells))
     error, bf16_strength, cos = bf16_noise_floor(bf16, loras[0])
     print(f"\nwhy not bf16: a bf16 forward differs from float32 by {error:.4f}; bf16's own LoRA change has strength "
           f"{bf16_strength:.4f} (cos {cos:.3f}) against float32's")

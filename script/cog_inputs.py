@@ -1,6 +1,7 @@
 """Calling a predictor the way cog does, for script/predict and the tests (predict.py stays the schema only).
 
 - `predictor_ref()`: the class cog.yaml deploys (`run:`), e.g. "predict.py:Predictor".
+- `cog_environment()`: the variables cog.yaml sets in the image (`environment:`), e.g. the CUDA allocator's.
 - `load_predictor(ref)`: that class, imported from its file.
 - `predict_with_defaults(predictor, **inputs)`: run() with omitted inputs at their declared defaults.
 """
@@ -21,6 +22,14 @@ def predictor_ref() -> str:
 
     config = yaml.safe_load((ROOT / "cog.yaml").read_text())
     return config.get("run") or config["predict"]
+
+
+def cog_environment() -> dict[str, str]:
+    """cog.yaml's `environment:` entries ("NAME=value" each) as {NAME: value}: what the deployed image runs with."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    return dict(entry.split("=", 1) for entry in config.get("environment") or [])
 
 
 def load_predictor(ref: str) -> type:

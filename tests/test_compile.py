@@ -34,11 +34,15 @@ from flux.fast.compile import (
     uncompile_transformer,
     warm_up_sizes,
 )
+from flux.fast.kernels import go_fast_kernel, kernel_for
 from flux.fast.lora_fp8 import Fp8LoraFuser
-from flux.fast.quantize import fp8_config, is_fp8, is_quantised_linear, quantise_weight
+from flux.fast.quantize import is_quantised, is_quantised_linear, quantise_weight
+from flux.pipelines import FluxPipelines
+from flux.variants import Variant
 from lora.apply import LoraFuser
 from lora.formats import LoraWeights, convert_lora
 from tests.fixtures import lora_factory as factory
+from weights.store import WeightsFolder
 from weights.tiny.flux import tiny_transformer
 
 TEXT_TOKENS = 64  # the transformer's text length is fixed per model; short keeps the test fast
@@ -89,17 +93,17 @@ def _plain():
     return transformer, LoraFuser({"transformer": transformer})
 
 
-def _fp8():
-    """The tiny transformer with go_fast's fp8 weights, quantised as flux/fast/quantize.py builds them, and
-    go_fast's fuser re-quantising LoRAs from the original weights."""
+def _quantised(capability: tuple[int, int] | None = None):
+    """The tiny transformer with go_fast's weights for this GPU (None: the CPU's fp8), quantised as
+    flux/fast/quantize.py builds them, and go_fast's fuser re-quantising LoRAs from the original weights."""
     transformer = tiny_transformer(guidance_embeds=True).eval()
-    config = fp8_config(torch.device("cpu"), torch.float32)
+    config = kernel_for(capability, torch.float32).config
     originals = {}
     for name, module in transformer.named_modules():
         if is_quantised_linear(name, module):
             originals[f"transformer.{name}"] = module.weight.detach().clone()
             module.weight = nn.Parameter(quantise_weight(module.weight.detach(), config), requires_grad=False)
-    assert sum(is_fp8(w) for w in transformer.parameters()) == len(originals) > 0
+    assert sum(is_quantised(w) for w in transformer.parameters()) == len(originals) > 0
     fuser = Fp8LoraFuser({"transformer": transformer}, read_source=lambda path, device: originals[path].to(device),
                           config=config)
     return transformer, fuser
@@ -175,11 +179,12 @@ def test_plain_weights_three_block_graphs_for_every_size_lora_and_text_length():
     assert backend.count == 2 * BLOCK_GRAPHS
 
 
-def test_fp8_weights_three_block_graphs_for_every_size_and_lora():
-    transformer, fuser = _fp8()
+@pytest.mark.parametrize("capability", [None, (8, 6)], ids=["cpu-fp8", "ampere-int8"])  # int8's matmul runs on CPU too
+def test_quantised_weights_three_block_graphs_for_every_size_and_lora(capability):
+    transformer, fuser = _quantised(capability)
     backend = CountingBackend()
     compile_transformer(transformer, backend=backend, fullgraph=True)
-    _switch_loras_across_sizes(transformer, fuser, backend, SIZES[:2])  # fp8 runs slowly on CPU; sizes are shown above
+    _switch_loras_across_sizes(transformer, fuser, backend, SIZES[:2])  # 8-bit runs slowly on CPU; sizes are shown above
     assert sorted(_block_kind(graph) for graph in backend.graphs) == ["double", "single", "single"]
 
 
@@ -240,7 +245,7 @@ def test_warm_up_sizes_are_two_request_sizes_with_different_token_alignment():
 
 def test_quantising_leaves_inductor_settings_alone():
     """torchao's default would switch on coordinate-descent tuning for the whole process at every quantize_."""
-    config = fp8_config(torch.device("cpu"), torch.float32)
+    config = go_fast_kernel(torch.device("cpu"), torch.float32).config
     assert config.set_inductor_config is False
     before = torch._inductor.config.coordinate_descent_tuning
     quantise_weight(torch.randn(32, 32), config)
@@ -257,11 +262,15 @@ def tiny_pipeline(tiny_weights):
 
 
 @pytest.fixture
-def fresh_pipeline(tiny_pipeline, monkeypatch, tmp_path):
-    """The tiny pipeline with its transformer not compiled (each test compiles with its own counter), the device
-    gate (tested above) open, and the compile cache in a folder of the test's own."""
+def compile_on_cpu(monkeypatch, tmp_path):
+    """The device gate (tested above) open, and the compile cache in a folder of the test's own."""
     monkeypatch.setattr(fast_compile, "compile_wanted", lambda device: True)
     monkeypatch.setenv("FLUX_COMPILE_CACHE_DIR", str(tmp_path / "compile-cache"))
+
+
+@pytest.fixture
+def fresh_pipeline(tiny_pipeline, compile_on_cpu):
+    """The tiny pipeline with its transformer not compiled (each test compiles with its own counter)."""
     yield tiny_pipeline
     uncompile_transformer(tiny_pipeline.transformer)
 
@@ -335,6 +344,57 @@ def test_a_compile_failure_at_warm_up_falls_back_to_eager(fresh_pipeline, monkey
     assert not is_compiled(fresh_pipeline.transformer)
     assert "running without compile" in caplog.text
     _request_like_generate(fresh_pipeline, 256, 256, images=1)  # serves eagerly
+
+
+def test_a_model_failure_at_warm_up_fails_setup(fresh_pipeline, monkeypatch, caplog):
+    """Issue 18, defect 12: an error that is not compilation's (a device mismatch, an OOM) must not be logged as
+    a compile failure with the server going on to say READY."""
+    def broken_model(_module, _args):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    _compile_with(monkeypatch, CountingBackend())
+    hook = fresh_pipeline.transformer.x_embedder.register_forward_pre_hook(broken_model)  # runs eagerly either way
+    try:
+        with caplog.at_level(logging.INFO, logger="flux.fast.compile"), pytest.raises(RuntimeError, match="same device"):
+            compile_for_serving(fresh_pipeline, max_sequence_length=TEXT_LENGTH, label="dev-fp8")
+    finally:
+        hook.remove()
+    assert "running without compile" not in caplog.text
+
+
+def _serving(tiny_weights, monkeypatch, backend) -> FluxPipelines:
+    """The 24/48 GiB plan's pipelines: nothing resident, dev-fp8 compiled and warmed up at setup in the slot."""
+    _compile_with(monkeypatch, backend)
+    monkeypatch.setattr(fast_compile, "warm_up_sizes", lambda: [(256, 256), (208, 240)])
+    store = WeightsFolder(tiny_weights.dev, tiny_weights.schnell)
+    return FluxPipelines(store, torch.device("cpu"), torch.float32, resident=(), warm=Variant("dev", "fp8"))
+
+
+def test_an_fp8_variant_built_on_demand_runs_on_setups_graphs(tiny_weights, compile_on_cpu, monkeypatch, caplog):
+    backend = CountingBackend()
+    with caplog.at_level(logging.INFO, logger="flux.fast.compile"):
+        pipelines = _serving(tiny_weights, monkeypatch, backend)
+        assert backend.count == 2 * BLOCK_GRAPHS  # setup's warm-up: batches of 1 and of 2 to 4
+
+        schnell = pipelines.transformer("schnell-fp8")  # the slot's dev-fp8 gives way
+        assert is_compiled(schnell) and not pipelines.is_loaded("dev-fp8")
+        assert "FLUX schnell-fp8: compiled on the graphs setup compiled (no warm-up)" in caplog.text
+        _request_like_generate(pipelines.get("schnell-fp8", "txt2img"), 320, 256, images=1)
+        _request_like_generate(pipelines.get("schnell-fp8", "txt2img"), 256, 384, images=3)
+        dev = pipelines.transformer("dev-fp8")  # built again, on demand this time
+        assert is_compiled(dev)
+        _request_like_generate(pipelines.get("dev-fp8", "txt2img"), 384, 256, images=2)
+    assert backend.count == 2 * BLOCK_GRAPHS  # no graph for either build, nor for their requests
+
+
+def test_an_fp8_variant_built_on_demand_stays_eager_when_setup_compiled_none(tiny_weights, compile_on_cpu, monkeypatch):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("inductor could not build a kernel")
+
+    pipelines = _serving(tiny_weights, monkeypatch, broken_backend)
+    assert not is_compiled(pipelines.transformer("dev-fp8"))  # setup fell back to eager
+    assert not is_compiled(pipelines.transformer("schnell-fp8"))  # so would a request: it is not compiled at all
+    _request_like_generate(pipelines.get("schnell-fp8", "txt2img"), 256, 256, images=1)
 
 
 # --- the persistent compile cache --------------------------------------------------------------------------

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from errors import UserError
+from flux.generate import out_of_memory_error
+from flux.request import build_request
 from script.cog_inputs import predict_with_defaults
 
 FAST = {"prompt": "a photo of TOK", "num_inference_steps": 2, "megapixels": "0.25", "disable_safety_checker": True}
@@ -124,3 +129,32 @@ def test_schema_variants_run_on_the_same_generator(predictor, variant):
     other.generator = predictor.generator  # same loaded models; only the schema layer differs
     paths = predict_with_defaults(other, prompt="x", num_inference_steps=2, num_outputs=2, aspect_ratio="16:9", seed=2)
     assert [Image.open(p).size for p in paths] == [(1344, 768)] * 2
+
+
+def test_running_out_of_gpu_memory_says_what_to_change_and_frees_the_memory_for_the_next_request(predictor, monkeypatch):
+    transformer = predictor.generator.pipelines.transformer("dev")
+    held = []
+
+    def out_of_memory(*args, **kwargs):  # the transformer's forward, as CUDA fails it
+        activations = torch.empty(1024)  # what the failed step holds
+        held.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+
+    monkeypatch.setattr(transformer, "forward", out_of_memory)
+    with pytest.raises(UserError, match=r"GPU ran out of memory .* try fewer num_outputs than 2, or a smaller size") as caught:
+        predict_with_defaults(predictor, **FAST, num_outputs=2)
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)  # kept for the log, its frames cleared
+    assert held and held[0]() is None  # the failed request's tensors are freed before the user hears of it
+    monkeypatch.undo()
+    assert predict_with_defaults(predictor, **FAST)[0].exists()
+
+
+def test_the_out_of_memory_message_names_only_what_would_help():
+    message = str(out_of_memory_error(build_request(prompt="x", num_outputs=4, megapixels="1"), go_fast_input=True))
+    assert message == ("The GPU ran out of memory for this request (4 x 1024x1024); try fewer num_outputs than 4, or a "
+                       "smaller size than 1024x1024 (megapixels, or width and height with aspect_ratio=custom), or go_fast=true.")
+    one_fast = str(out_of_memory_error(build_request(prompt="x", go_fast=True), go_fast_input=True))
+    assert "num_outputs" not in one_fast and "go_fast" not in one_fast
+    assert "go_fast" not in str(out_of_memory_error(build_request(prompt="x"), go_fast_input=False))  # LegacyPredictor
+    custom = build_request(prompt="x", aspect_ratio="custom", width=512, height=512)  # bf16 even with go_fast
+    assert "go_fast" not in str(out_of_memory_error(custom, go_fast_input=True))

@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flux.fast.quality import psnr
@@ -47,7 +48,7 @@ def test_go_fast_runs_fp8_and_stays_close_to_bf16(predictor, caplog):
     plain = run(predictor, **FAST)
     with caplog.at_level(logging.INFO):
         fast = run(predictor, **FAST, go_fast=True)
-    assert "go_fast: running the fp8 transformer" in caplog.text
+    assert "go_fast: running FLUX dev-fp8 (fp8 weights only)" in caplog.text  # the CPU kernel, named
     assert fast != plain  # really another transformer
     assert psnr(pixels(fast), pixels(plain)) > 35
 
@@ -111,3 +112,22 @@ def test_the_deployed_schema_decides_the_resident_variants(tiny_weights):
         instance.setup()
         assert instance.generator.pipelines.resident == resident, cls.__name__
         assert all(instance.generator.pipelines.is_loaded(variant) for variant in resident)  # built before READY
+
+
+def test_bf16_components_keep_their_dtype_through_img2img_inpaint_and_go_fast(tiny_weights, monkeypatch, tmp_path):
+    """Issue 18, defect 1: img2img and inpaint share the components of txt2img and must not cast them (diffusers'
+    from_pipe cast them all to float32 in place), or the next go_fast request fails on mixed dtypes."""
+    from predict import Predictor
+
+    monkeypatch.setenv("FLUX_DTYPE", "bf16")  # real bfloat16 arithmetic on CPU, as on a GPU
+    instance = Predictor()
+    instance.setup()
+    pipelines = instance.generator.pipelines
+    components = {"text_encoder": pipelines.text_encoder, "text_encoder_2": pipelines.get("dev", "txt2img").text_encoder_2,
+                  "vae": pipelines.vae, "dev": pipelines.transformer("dev")}
+    picture, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (256, 256), (120, 60, 200)).save(picture)
+    Image.new("L", (256, 256), 255).save(mask)
+    for inputs in [{"image": picture}, {"image": picture, "mask": mask}, {**FAST, "go_fast": True}]:
+        run(instance, **inputs)
+        assert {name: module.dtype for name, module in components.items()} == dict.fromkeys(components, torch.bfloat16)

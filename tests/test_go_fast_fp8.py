@@ -1,5 +1,7 @@
-"""go_fast's fp8 transformer and LoRAs on it, below the predictor: the torchao build, exact restore, exact
-re-quantisation, quality bounds, and the pure rules (variants, fallbacks, fused scales)."""
+"""go_fast's quantised ("fp8" variant) transformer and LoRAs on it, below the predictor: the torchao build, exact
+restore, exact re-quantisation, quality bounds, and the pure rules (variants, fallbacks, fused scales). Every
+kernel go_fast runs (flux/fast/kernels.py) is built, fused and restored here on CPU: the CPU's fp8 weight-only,
+Ada-to-Blackwell's fp8 x fp8 and Ampere/Turing's int8 x int8."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
-from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow, quantize_
+from torchao.quantization import quantize_
 
+from flux.fast.kernels import kernel_for
 from flux.fast.lora_fp8 import Fp8LoraFuser
-from flux.fast.quantize import fp8_config, is_fp8, is_quantised_linear, load_fp8_transformer
+from flux.fast.quantize import is_quantised, is_quantised_linear, load_fp8_transformer
 from flux.lora_scales import fused_scales
 from flux.variants import Variant, go_fast_fallback, resident_variants, variant_for
 from lora.apply import LoraFuser
@@ -65,10 +68,6 @@ def test_go_fast_falls_back_for_images_masks_and_custom_sizes():
     assert variant_for("dev", go_fast=False, fallback_reason=None) == Variant("dev", "bf16")
 
 
-def test_cpu_uses_weight_only_fp8():
-    assert isinstance(fp8_config(CPU, FP32), Float8WeightOnlyConfig)
-
-
 # --- the fp8 build -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -76,20 +75,13 @@ def dev_dir(tiny_weights):
     return tiny_weights.dev
 
 
-@pytest.fixture
-def allow_gpu_config_on_cpu(monkeypatch):
-    """torchao refuses to build the fp8-activation config without a CUDA >= 8.9 GPU; its weights (what our code
-    builds, fuses and restores) need no GPU, so lift that gate for the test. Running them would need a GPU."""
-    import torchao.quantization.quant_api as quant_api
-
-    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
-
-
-# (dtype, config): CPU's weight-only fp8, and the CUDA >= 8.9 config (fp8 activations too) with bf16 weights; the
-# latter's matmul needs a GPU, but its weights are built, fused and restored on CPU by the same code
+# (dtype, config) of each kernel go_fast runs: CPU's fp8 weight-only; fp8 x fp8 (capability >= 8.9) with bf16
+# weights, whose matmul needs a GPU but whose weights are built, fused and restored on CPU by the same code; and
+# int8 x int8 (Ampere, Turing), which runs on CPU too
 CONFIGS = {
-    "weight-only": (FP32, Float8WeightOnlyConfig(granularity=PerRow())),
-    "dynamic-activation": (torch.bfloat16, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())),
+    "weight-only": (FP32, kernel_for(None, FP32).config),
+    "dynamic-activation": (torch.bfloat16, kernel_for((9, 0), torch.bfloat16).config),
+    "int8": (torch.bfloat16, kernel_for((8, 6), torch.bfloat16).config),
 }
 
 
@@ -103,10 +95,13 @@ def assert_same_weights(model: nn.Module, reference: nn.Module) -> None:
     assert set(dict(model.named_parameters())) == set(reference_parameters)
     for name, parameter in model.named_parameters():
         other = reference_parameters[name]
-        assert is_fp8(parameter) == is_fp8(other), name
-        if is_fp8(parameter):
-            assert torch.equal(parameter.qdata.view(torch.uint8), other.qdata.view(torch.uint8)), name
-            assert torch.equal(parameter.scale, other.scale), name
+        assert type(parameter) is type(other), name
+        if is_quantised(parameter):
+            inner, _ = parameter.__tensor_flatten__()  # data and scales; int8's zero points too
+            assert inner == other.__tensor_flatten__()[0] and {"qdata", "scale"} <= set(inner), name
+            for part in inner:
+                ours, theirs = getattr(parameter, part), getattr(other, part)
+                assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8)), f"{name}.{part}"
         else:
             assert torch.equal(parameter, other), name
 
@@ -114,9 +109,9 @@ def assert_same_weights(model: nn.Module, reference: nn.Module) -> None:
 def test_fp8_build_from_the_checkpoint_equals_torchao_quantize_of_the_bf16_model(dev_dir):
     built = fresh_fp8(dev_dir)
     reference = FluxTransformer2DModel.from_pretrained(dev_dir, subfolder="transformer", dtype=FP32)
-    quantize_(reference, fp8_config(CPU, FP32), filter_fn=lambda module, name: is_quantised_linear(name, module))
+    quantize_(reference, CONFIGS["weight-only"][1], filter_fn=lambda module, name: is_quantised_linear(name, module))
     assert_same_weights(built, reference)
-    fp8_names = {name for name, module in built.named_modules() if isinstance(module, nn.Linear) and is_fp8(module.weight)}
+    fp8_names = {name for name, module in built.named_modules() if isinstance(module, nn.Linear) and is_quantised(module.weight)}
     assert fp8_names and all(name.startswith(("transformer_blocks.", "single_transformer_blocks.")) for name in fp8_names)
     assert "proj_out" not in fp8_names and "x_embedder" not in fp8_names
     assert not any(parameter.is_meta for parameter in built.parameters())
@@ -198,9 +193,9 @@ def test_go_fast_keeps_a_typical_loras_strength_and_stays_close_to_bf16(tmp_path
 
 # --- variants in memory ----------------------------------------------------------------------------------------
 
-def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weights, tmp_path, monkeypatch):
-    """Resident variants stay; a non-resident one is built when asked for and dropped for the next one, and the
-    LoRA it carried (text encoder included) does not outlive it."""
+def dev_fp8_with_a_lora(tiny_weights, tmp_path, monkeypatch):
+    """Pipelines with dev-bf16 resident, and dev-fp8 built on demand with a LoRA on it and on the text encoder:
+    (pipelines, LoRA state, the LoRA's path, the text encoder's tensors before)."""
     from flux.lora_state import LoraState
     from flux.pipelines import FluxPipelines
     from flux.request import build_request
@@ -212,10 +207,19 @@ def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weigh
     monkeypatch.setenv("FLUX_LORA_LOCAL_DIRS", str(tmp_path))
     clip_before = {name: tensor.clone() for name, tensor in pipelines.text_encoder.state_dict().items()}
     state = LoraState(pipelines)
-
     state.prepare(build_request(prompt="x", go_fast=True, extra_lora=str(lora)), Variant("dev", "fp8"))
+    return pipelines, state, lora, clip_before
+
+
+def test_a_variant_that_is_not_resident_is_built_on_use_one_at_a_time(tiny_weights, tmp_path, monkeypatch):
+    """Resident variants stay; a non-resident one is built when asked for and dropped for the next one, and the
+    LoRA it carried (text encoder included) does not outlive it."""
+    from flux.request import build_request
+
+    pipelines, state, lora, clip_before = dev_fp8_with_a_lora(tiny_weights, tmp_path, monkeypatch)
+    transformer = pipelines.transformer("dev")
     dev_fp8 = weakref.ref(pipelines.transformer("dev-fp8"))
-    assert is_fp8(dev_fp8().transformer_blocks[0].attn.to_q.weight)
+    assert is_quantised(dev_fp8().transformer_blocks[0].attn.to_q.weight)
     assert pipelines.is_loaded("dev-fp8") and not pipelines.is_loaded("schnell-fp8")
     assert any(not torch.equal(t, clip_before[n]) for n, t in pipelines.text_encoder.state_dict().items())
 
@@ -250,7 +254,7 @@ def test_a_variant_the_memory_plan_has_no_room_for_is_refused_naming_go_fast(tin
     with pytest.raises(UserError, match=r"go_fast: FLUX dev-bf16 does not fit .* use go_fast=true"):
         pipelines.get("dev", "img2img")
     assert not pipelines.is_loaded("dev")  # refused before anything was built
-    assert is_fp8(pipelines.transformer("dev-fp8").transformer_blocks[0].attn.to_q.weight)
+    assert is_quantised(pipelines.transformer("dev-fp8").transformer_blocks[0].attn.to_q.weight)
 
 
 def test_with_nothing_resident_the_plans_warm_variant_waits_in_the_slot_and_gives_way(tiny_weights):
@@ -279,3 +283,43 @@ def test_the_slot_is_announced_before_a_variant_is_built_into_it_and_when_it_is_
         (False, ["dev-bf16"]),  # dev-fp8 dropped
         (True, ["dev-bf16"]),  # before schnell-fp8 is built
     ]
+
+
+def test_a_build_that_runs_out_of_memory_leaves_the_slot_empty_and_its_room_lent_again(tiny_weights, monkeypatch):
+    """Nothing was built into the slot: LoRA state must hear that it is empty again, or the originals' GPU budget
+    stays short of the slot's room for the server's life."""
+    from flux.fast import quantize
+    from flux.lora_state import LoraState
+    from flux.pipelines import FluxPipelines
+    from lora.apply import OriginalsBudget
+
+    pipelines = FluxPipelines(WeightsFolder(tiny_weights.dev, tiny_weights.schnell), CPU, FP32, resident=(Variant("dev"),))
+    budget = OriginalsBudget(10, lendable=50)
+    LoraState(pipelines, originals_budget=budget)
+
+    def out_of_memory(*args, **kwargs):  # torchao's quantize_, as the fp8 build calls it
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 90.00 MiB.")
+
+    monkeypatch.setattr(quantize, "quantize_", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        pipelines.transformer("dev-fp8")
+    assert not pipelines.is_loaded("dev-fp8") and budget.left == 60
+    monkeypatch.undo()
+    pipelines.transformer("dev-fp8")  # the next request builds it
+    assert pipelines.is_loaded("dev-fp8") and budget.left == 10
+
+
+def test_dropping_a_variant_restores_the_shared_text_encoder_and_writes_nothing_into_its_transformer(
+    tiny_weights, tmp_path, monkeypatch,
+):
+    """Restoring the originals of a transformer that is dropped next is wasted work: on fp8 every touched weight
+    would be re-quantised (1-2 s per slot swap at full size). Only the CLIP encoder, shared, comes back."""
+    pipelines, _, _, clip_before = dev_fp8_with_a_lora(tiny_weights, tmp_path, monkeypatch)
+    dropped = pipelines.transformer("dev-fp8")
+    fused = {name: (p.qdata.clone() if is_quantised(p) else p.detach().clone()) for name, p in dropped.named_parameters()}
+
+    pipelines.transformer("schnell-fp8")  # the slot changes hands: dev-fp8 is dropped
+    assert not pipelines.is_loaded("dev-fp8")
+    for name, parameter in dropped.named_parameters():  # as it was, LoRA and all: nothing was written into it
+        assert torch.equal(parameter.qdata if is_quantised(parameter) else parameter, fused[name]), name
+    assert all(torch.equal(tensor, clip_before[name]) for name, tensor in pipelines.text_encoder.state_dict().items())

@@ -21,12 +21,12 @@ PACKAGES = ("flux", "lora", "safety", "weights")
 # fetch with lora.download (weights from FLUX_WEIGHTS_URL), lora.download never imports weights.
 LAYERS = {
     "predict": 4, "flux": 3, "lora": 2, "safety": 2, "weights": 1.5, "lora.download": 1,
-    "errors": 0, "settings": 0, "units": 0,
+    "errors": 0, "settings": 0, "units": 0, "version": 0,
 }  # fmt: skip
 
 
 def project_modules() -> list[Path]:
-    files = [ROOT / "predict.py", ROOT / "errors.py", ROOT / "settings.py", ROOT / "units.py"]
+    files = [ROOT / "predict.py", ROOT / "errors.py", ROOT / "settings.py", ROOT / "units.py", ROOT / "version.py"]
     for package in PACKAGES:
         files += sorted((ROOT / package).rglob("*.py"))
     return files

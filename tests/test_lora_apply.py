@@ -316,3 +316,62 @@ def test_output_after_loras_equals_a_fresh_model(models, pristine, main_and_extr
     assert not torch.equal(_forward(models[0]), fresh_output)
     fuser.apply([])
     assert torch.equal(_forward(models[0]), fresh_output)
+
+
+# --- letting go: a model dropped, memory that runs out -----------------------------------------------------------
+
+def test_release_restores_only_the_components_that_outlive_the_model(models, main_and_extra):
+    """The transformer is dropped right after release: writing its originals back is wasted (on fp8, every touched
+    weight re-quantised); the shared text encoder stays in use and must come back bit-exactly."""
+    (_, main), _ = main_and_extra
+    originals = snapshot(models)
+    fuser = LoraFuser(components(models))
+    fuser.apply([(main, 1.0)])
+    fused = snapshot(models)
+    fuser.release(outliving=("text_encoder",))
+    now = snapshot(models)
+    assert any(not torch.equal(fused[name], originals[name]) for name in now if name.startswith("transformer."))
+    assert all(torch.equal(now[name], fused[name]) for name in now if name.startswith("transformer."))
+    assert all(torch.equal(now[name], originals[name]) for name in now if name.startswith("text_encoder."))
+    assert fuser.kept_originals == {} and fuser.changed_modules == frozenset()
+    with pytest.raises(ValueError, match="no 'transformer' was given"):  # the fuser no longer knows the dropped model
+        fuser.apply([(main, 1.0)])
+
+
+def on_meta(models) -> dict[str, nn.Module]:
+    """The models on the meta device, which stands in for the GPU: originals there count against the budget."""
+    return {name: copy.deepcopy(module).to("meta") for name, module in components(models).items()}
+
+
+def test_release_gives_every_gpu_byte_of_originals_back(models, main_and_extra):
+    (_, main), (_, extra) = main_and_extra
+    budget = OriginalsBudget(10**9)
+    fuser = LoraFuser(on_meta(models), originals_budget=budget)
+    fuser.apply([(main, 1.0), (extra, 1.0)])
+    assert budget.used == fuser.kept_originals["meta"] > 0
+    fuser.release(outliving=("text_encoder",))
+    assert budget.used == 0
+
+
+@pytest.mark.parametrize("failing_copy", [1, 2], ids=["weight", "bias"])
+def test_an_original_whose_copy_runs_out_of_memory_gives_its_budget_back(models, main_and_extra, monkeypatch, failing_copy):
+    """OriginalsBudget.take counts the bytes before the copy is made: a copy that fails must not keep them, nor
+    the weight's when its bias is the one that fails."""
+    (_, main), _ = main_and_extra
+    budget = OriginalsBudget(10**9)
+    fuser = LoraFuser(on_meta(models), originals_budget=budget)
+    real_to, copies = torch.Tensor.to, []
+
+    def out_of_memory_on_copy(tensor, *args, **kwargs):
+        copies.append(kwargs.get("copy"))
+        if copies.count(True) == failing_copy:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB.")
+        return real_to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", out_of_memory_on_copy)
+    with pytest.raises(torch.OutOfMemoryError):
+        fuser.apply([(main, 1.0)])
+    assert budget.used == 0 and fuser.kept_originals == {}
+    monkeypatch.undo()  # memory is free again: the same request takes its originals and counts them once
+    fuser.apply([(main, 1.0)])
+    assert budget.used == fuser.kept_originals["meta"] > 0

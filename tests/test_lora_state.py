@@ -49,3 +49,29 @@ def test_lora_state_takes_the_slots_room_back_for_a_variant_and_lends_it_again(t
     assert budget.left == 10
     pipelines.transformer("schnell-fp8")  # the slot changes hands: lent and taken back in between
     assert budget.left == 10
+
+
+@pytest.mark.parametrize("unavailable", [frozenset(), frozenset({Variant("dev")})], ids=["48GiB", "24GiB"])
+def test_preloading_the_default_lora_keeps_the_warm_variant(tiny_weights, tmp_path, unavailable):
+    """Issue 18, defect 3: with nothing resident (the memory plan's warm slot on 24 and 48 GiB), the preload
+    converts against the warm dev-fp8 instead of building dev-bf16 (not servable on 24 GiB; on 48 GiB it would
+    drop the compiled warm variant for an eager one)."""
+    store = WeightsFolder(tiny_weights.dev, tiny_weights.schnell)
+    pipelines = FluxPipelines(store, torch.device("cpu"), torch.float32, resident=(), unavailable=unavailable,
+                              warm=Variant("dev", "fp8"))
+    transformer = pipelines.transformer("dev-fp8")
+    lora = write_layout("diffusers", make_spec(transformer, seed=3), transformer, tmp_path / "default.safetensors")
+    state = LoraState(pipelines, default_main=str(lora))
+
+    state.preload_default()
+
+    assert pipelines.is_loaded("dev-fp8") and pipelines.transformer("dev-fp8") is transformer
+    assert not pipelines.is_loaded("dev")
+    state.prepare(build_request(prompt="x", go_fast=True), Variant("dev", "fp8"))  # the preloaded conversion serves it
+
+
+def test_with_no_transformer_in_memory_the_preload_builds_a_servable_one(tiny_weights):
+    pipelines = FluxPipelines(WeightsFolder(tiny_weights.dev, tiny_weights.schnell), torch.device("cpu"), torch.float32,
+                              resident=(), unavailable=frozenset({Variant("dev")}))
+    variant, transformer = pipelines.any_transformer()
+    assert variant == Variant("dev", "fp8") and pipelines.transformer(variant) is transformer

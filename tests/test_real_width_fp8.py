@@ -1,5 +1,6 @@
-"""go_fast's fp8 with a LoRA at FLUX.1's real shapes: each fp8 layer carries the LoRA's change, and so does the
-transformer's output. script/real_width_fp8 prints the same figures, for dequantise-add-requantise too.
+"""go_fast's 8-bit kernels with a LoRA at FLUX.1's real shapes: each quantised layer carries the LoRA's change, and so
+does the transformer's output, for every kernel (flux/fast/kernels.py: fp8 weight-only on CPU, fp8 x fp8 from
+capability 8.9, int8 x int8 below). script/real_width_fp8 prints the same figures, for dequantise-add-requantise too.
 
 The LoRA is rank 16 on every block Linear with a median ‖ΔW‖/‖W‖ of 3%, as real FLUX LoRAs. Per layer in bf16,
 the GPU's dtype (the fused weight is rounded to bf16 before it is quantised, as on the GPU); the output in
@@ -42,22 +43,20 @@ def test_the_lora_is_realistic(real_width, lora):
     assert 0.028 < median_delta_ratio(lora, real_width.transformer) < 0.032
 
 
-def test_every_fp8_layer_carries_the_loras_change(real_width, lora):
-    """<dequant(W_fp8 with LoRA) - dequant(W_fp8), ΔW> / |ΔW|² per layer: neither lost nor amplified."""
-    bf16 = real_width.transformer
-    fp8 = fp8_copy(bf16, WEIGHT_ONLY)
-    strengths = layer_strengths(fp8, fusers(fp8, bf16, WEIGHT_ONLY, torch.bfloat16)[OURS], lora)
+@pytest.mark.parametrize("kernel", CONFIGS)
+def test_every_quantised_layer_carries_the_loras_change(real_width, lora, kernel, allow_gpu_config_on_cpu):
+    """<dequant(W_q with LoRA) - dequant(W_q), ΔW> / |ΔW|² per layer: neither lost nor amplified."""
+    bf16, config = real_width.transformer, CONFIGS[kernel]
+    quantised = fp8_copy(bf16, config)
+    strengths = layer_strengths(quantised, fusers(quantised, bf16, config, torch.bfloat16)[OURS], lora)
     assert len(strengths) == 20
     assert all(0.99 <= strength <= 1.01 for strength in strengths.values()), strengths
 
 
-def test_the_cuda_configs_fp8_weights_are_the_cpu_configs(real_width, monkeypatch):
+def test_the_cuda_configs_fp8_weights_are_the_cpu_configs(real_width, allow_gpu_config_on_cpu):
     """Float8DynamicActivationFloat8WeightConfig (CUDA >= 8.9, bf16) stores the same per-row fp8 weights as CPU's
     weight-only config, bit for bit, at every block shape: the per-layer strengths hold on the GPU too. (Its
     matmul needs a GPU; building its weights does not, so torchao's hardware check is lifted here.)"""
-    import torchao.quantization.quant_api as quant_api
-
-    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     cuda_config = CONFIGS["dynamic-activation (CUDA)"]
     one_per_shape = {}
     for name, module in real_width.transformer.named_modules():
@@ -70,8 +69,9 @@ def test_the_cuda_configs_fp8_weights_are_the_cpu_configs(real_width, monkeypatc
         assert torch.equal(cpu.scale, cuda.scale), shape
 
 
-def test_the_transformer_output_keeps_the_loras_strength(real_width, lora):
-    """One forward at 256×256: <out_fp8_lora - out_fp8, out_lora - out> / |out_lora - out|² >= 0.95."""
-    figures = output_strengths(real_width.transformer, [lora], methods=[OURS])
+@pytest.mark.parametrize("kernel", ["weight-only (CPU)", "int8 (CUDA < 8.9)"])  # whose forward runs on CPU
+def test_the_transformer_output_keeps_the_loras_strength(real_width, lora, kernel):
+    """One forward at 256×256: <out_q_lora - out_q, out_lora - out> / |out_lora - out|² >= 0.95."""
+    figures = output_strengths(real_width.transformer, [lora], methods=[OURS], config=CONFIGS[kernel])
     strength, _ = figures.strengths[0, OURS]
     assert strength >= 0.95, figures

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from flux.fast.memory import BF16, build_on_meta, real_sizes
-from flux.fast.quantize import is_fp8
+from flux.fast.quantize import is_quantised
 from flux.pipelines import FluxPipelines
 from flux.variants import Variant
 from tests.fixtures.cog_server import start_cog_server, stop_cog_server
@@ -33,7 +33,7 @@ def loaded_bytes(module: nn.Module) -> int:
     """What a loaded module holds: fp8 weights as their data and scales, everything else as stored."""
     total = 0
     for tensor in [*module.parameters(), *module.buffers()]:
-        total += tensor.qdata.nbytes + tensor.scale.nbytes if is_fp8(tensor) else tensor.nbytes
+        total += tensor.qdata.nbytes + tensor.scale.nbytes if is_quantised(tensor) else tensor.nbytes
     return total
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from safetensors import safe_open
 
 from errors import UserError
 from safety.checker import SafetyChecker, stage1_dtype
-from safety.verdicts import ALL_IMAGES_UNSAFE_MESSAGE, SafetyReport
+from safety.verdicts import ALL_IMAGES_UNSAFE_MESSAGE, ImageVerdict, SafetyReport, short_error
 from weights.tiny.safety import MARKER_FILE, STAGING_PREFIX, ensure_tiny_safety
 
 RED = (1.0, 0.0, 0.0)
@@ -305,6 +306,114 @@ def test_disabled_skips_both_stages_and_says_so(checker, logs):
     assert not any(verdict.checked for verdict in report.verdicts)
     assert stage1_calls == [] and stage2_calls == []
     assert "Safety checker disabled (disable_safety_checker=true): skipping both stages." in logs.text
+
+
+# --- a checker that fails is not a verdict --------------------------------------------------------------
+
+TORCH_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+             "1.06 GiB is free. Of the allocated memory 76.2 GiB is allocated by PyTorch.")
+
+
+activations: list[weakref.ref] = []  # the tensors each failing forward allocated
+
+
+@pytest.fixture
+def cache_emptied(monkeypatch) -> list[bool]:
+    """Records each torch.cuda.empty_cache() call (a no-op on this CPU), and whether the tensors the failed
+    forward made were already gone by then: cached memory can only be freed once nothing holds it."""
+    calls: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(all(ref() is None for ref in activations)))
+    activations.clear()
+    return calls
+
+
+
+def run_out_of_memory(*, on: object = None):
+    """A forward pre-hook that allocates like a forward, then raises torch's OOM (on every call, or on the
+    images whose mean normalised pixel is above 0 when on="bright")."""
+
+    def hook(module, args, kwargs):
+        pixels = kwargs.get("pixel_values", kwargs.get("clip_input"))
+        if on == "bright" and pixels.mean() <= 0:
+            return
+        workspace = torch.empty(1024, 1024)
+        activations.append(weakref.ref(workspace))
+        raise torch.OutOfMemoryError(TORCH_OOM)
+
+    return hook
+
+
+@pytest.mark.parametrize("stages", [("stage2",), ("stage1", "stage2")])
+def test_out_of_memory_says_the_checker_failed_not_nsfw(checker, cache_emptied, logs, stages):
+    images = [picture(RED, seed=1), picture(GREEN, seed=2)]
+    flag_everything_in_stage1(checker)
+    for stage in stages:
+        getattr(checker, f"{stage}_model").register_forward_pre_hook(run_out_of_memory(), with_kwargs=True)
+
+    report = checker.check(images)
+
+    assert report.failed_indices == report.dropped_indices == [0, 1]
+    with pytest.raises(UserError) as raised:
+        report.kept_or_raise(images)
+    assert str(raised.value) == (
+        "The safety checker failed (torch.OutOfMemoryError: CUDA out of memory) on 2 image(s), so they were not "
+        "returned. Try fewer num_outputs or a smaller size, or run it again."
+    )
+    assert cache_emptied == [True] * (len(stages) + 1)  # after every OOM, once its tensors were released
+    assert "2 dropped (0 judged unsafe, 2 because the checker failed on it)" in logs.text
+
+
+def test_a_cuda_error_on_every_image_says_so_and_suggests_a_rerun(checker, cache_emptied):
+    def fail(module, args, kwargs):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors "
+                                     "might be asynchronously reported at some other API call")
+
+    checker.stage2_model.register_forward_pre_hook(fail, with_kwargs=True)
+    images = [picture(RED), picture(GREEN)]
+
+    with pytest.raises(UserError) as raised:
+        checker.check(images).kept_or_raise(images)
+    assert str(raised.value) == (
+        "The safety checker failed (torch.AcceleratorError: CUDA error: an illegal memory access was encountered) "
+        "on 2 image(s), so they were not returned. Try running it again."
+    )
+    assert cache_emptied == []  # not an OOM: there is nothing to give back
+
+
+def test_judged_and_failed_images_are_told_apart(checker, cache_emptied):
+    images = [picture(RED), picture(BRIGHT_GREEN)]  # red is judged nsfw; stage 2 runs out of memory on bright green
+    checker.stage2_model.register_forward_pre_hook(run_out_of_memory(on="bright"), with_kwargs=True)
+
+    report = checker.check(images)
+
+    assert report.verdicts[0].stage2_label == "nsfw" and not report.verdicts[0].failed
+    assert report.failed_indices == [1]
+    with pytest.raises(UserError, match=r"on 1 image\(s\), so they were not returned \(the other 1 contained NSFW "
+                                        r"content\)\. Try fewer num_outputs"):
+        report.kept_or_raise(images)
+
+
+def test_a_partly_failed_batch_returns_the_rest_and_the_log_says_so(checker, cache_emptied, logs):
+    images = [picture(DARK_GREEN), picture(BRIGHT_GREEN), picture(BLUE)]
+    checker.stage2_model.register_forward_pre_hook(run_out_of_memory(on="bright"), with_kwargs=True)
+
+    report = checker.check(images)
+
+    assert report.kept_or_raise(images) == [(0, images[0]), (2, images[2])]
+    assert ("The safety checker failed on 1 of 3 image(s) (indices [1]: torch.OutOfMemoryError: CUDA out of memory); "
+            "they were dropped unjudged, the other 2 returned.") in logs.text
+    assert cache_emptied == [True]
+
+
+def test_the_user_sees_an_errors_type_and_first_sentence_and_never_a_path():
+    assert short_error(f"torch.OutOfMemoryError: {TORCH_OOM}") == "torch.OutOfMemoryError: CUDA out of memory"
+    assert short_error("KeyError: 1") == "KeyError: 1"
+    assert short_error("RuntimeError: ") == "RuntimeError"
+    assert short_error("OSError: cannot read /srv/weights/model.safetensors") == "OSError"
+    assert len(short_error("RuntimeError: " + "x" * 500)) == 120
+    failed = ImageVerdict(0, stage1_flagged=True, stage2_error="OSError: cannot read /srv/weights/x. Gone")
+    with pytest.raises(UserError, match=r"^The safety checker failed \(OSError\) on 1 image\(s\)"):
+        SafetyReport((failed,)).kept_or_raise(["image"])
 
 
 # --- order and indices --------------------------------------------------------------------------------------

@@ -110,3 +110,29 @@ def test_all_flagged_in_process_raises_the_exact_message(predictor):
         with torch.no_grad():
             checker.stage1_model.concept_embeds_weights.copy_(original)
             checker.stage2_model.classifier.bias.copy_(bias)
+
+
+def test_a_checker_out_of_memory_fails_the_request_saying_so_and_the_next_one_runs(predictor):
+    """Fail closed, but tell the truth: the user reads that the checker ran out of memory, not that the images
+    were NSFW, and the same predictor serves the next request."""
+    checker = predictor.generator.safety
+    original = checker.stage1_model.concept_embeds_weights.detach().clone()
+
+    def out_of_memory(module, args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has a total capacity")
+
+    with torch.no_grad():
+        checker.stage1_model.concept_embeds_weights.fill_(-1.0)
+    hook = checker.stage2_model.register_forward_pre_hook(out_of_memory)
+    try:
+        with pytest.raises(UserError) as error:
+            predict_with_defaults(predictor, **FAST, num_outputs=2)
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            checker.stage1_model.concept_embeds_weights.copy_(original)
+    assert str(error.value) == (
+        "The safety checker failed (torch.OutOfMemoryError: CUDA out of memory) on 2 image(s), so they were not "
+        "returned. Try fewer num_outputs or a smaller size, or run it again."
+    )
+    assert len(predict_with_defaults(predictor, **FAST, num_outputs=2)) == 2

@@ -12,6 +12,9 @@
   tensors made eagerly in between. A batch of one is specialised (a size of 1 always is), so the first batch of
   2 compiles once more; 3 and 4 reuse that graph. tests/test_compile.py counts it: 3 graphs for a batch of one
   at every size, 6 with batches of 2 to 4, for plain and for fp8 weights.
+- **On demand.** An fp8 variant built for a request after setup (the 24/48 GiB plans' slot) is compiled with no
+  warm-up when setup compiled a transformer of the same block shapes: its blocks hit setup's graphs, 0 new ones
+  (`compile_reusing_graphs`, counted in tests/test_compile.py).
 - **LoRAs.** Both fusers (lora/apply.py, flux/fast/lora_fp8.py) write fused values into the existing weight
   tensors, and the guards never look at values, so a LoRA switch compiles nothing.
 - **Attention.** cuDNN's fused attention first on Hopper is an operator's opt-in (FLUX_CUDNN_ATTENTION=1):
@@ -33,7 +36,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +145,31 @@ def uncompile_transformer(transformer: nn.Module) -> None:
     for block in repeated_blocks(transformer):
         block._compiled_call_impl = None  # what nn.Module.compile() set; None is its "not compiled"
     prefer_attention(transformer, None)
+
+
+def block_shapes(transformer: nn.Module) -> frozenset:
+    """What the repeated blocks' graphs are specialised on: each block class with its parameters' names, types,
+    shapes and dtypes. Transformers with equal block shapes (every fp8 FLUX.1 variant) run on the same graphs."""
+    return frozenset(
+        (type(block).__name__, tuple((name, type(value).__name__, tuple(value.shape), value.dtype)
+                                     for name, value in block.named_parameters()))
+        for block in repeated_blocks(transformer)
+    )
+
+
+def compile_reusing_graphs(
+    transformer: nn.Module, compiled_shapes: Collection[frozenset], *, label: str, options: dict | None = None,
+) -> bool:
+    """Compile a transformer built for a request (a go_fast variant that is not resident) when setup compiled a
+    transformer of the same block shapes: Dynamo keeps graphs per block class and guards on shapes and dtypes, not
+    on the module, so its blocks run on setup's graphs and this costs no compile and no warm-up (tests/test_compile.py
+    counts 0 new graphs). Otherwise it runs eagerly, as it would then compile inside the request, or fail in it
+    where setup found compiling broken. options: as setup compiled with. Returns whether it compiled."""
+    if block_shapes(transformer) not in compiled_shapes:
+        return False
+    compile_transformer(transformer, attention=attention_priority(transformer.device), options=options)
+    log.info("%s: compiled on the graphs setup compiled (no warm-up)", label)
+    return True
 
 
 def every_request_size() -> list[tuple[int, int]]:
@@ -261,10 +289,12 @@ def save_compile_cache(file: Path) -> int:
     return len(data)
 
 
-def compile_for_serving(pipeline, *, max_sequence_length: int, label: str) -> CompileReport:
+def compile_for_serving(pipeline, *, max_sequence_length: int, label: str, options: dict | None = None) -> CompileReport:
     """At setup, for one txt2img pipeline on CUDA: load the compile cache, compile the transformer's blocks, warm
     them up so no request compiles, and save the cache. Does nothing on CPU or with FLUX_COMPILE=0. If the
-    warm-up fails, the transformer runs eagerly (logged) rather than failing setup."""
+    warm-up fails because of compilation, the transformer runs eagerly (logged) rather than failing setup; if
+    it fails without compile too, the model is broken and the error fails setup. options: Inductor settings for
+    these graphs (go_fast's kernel's, flux/fast/kernels.py)."""
     transformer = pipeline.transformer
     device = transformer.device
     if not compile_wanted(device):
@@ -274,7 +304,7 @@ def compile_for_serving(pipeline, *, max_sequence_length: int, label: str) -> Co
     artefacts = load_compile_cache(cache)
     cache_load_s = time.perf_counter() - started
     priority = attention_priority(device)
-    compile_transformer(transformer, attention=priority)
+    compile_transformer(transformer, attention=priority, options=options)
     attention = "cuDNN first" if priority else "PyTorch's order"
     if not settings.flag("FLUX_COMPILE_WARMUP"):
         log.info("%s: compiled lazily (FLUX_COMPILE_WARMUP=0: the first request of each shape compiles); "
@@ -284,9 +314,12 @@ def compile_for_serving(pipeline, *, max_sequence_length: int, label: str) -> Co
     graphs_before = _graphs_captured()
     try:
         warm_up_s = _warm_up_checked(pipeline, max_sequence_length=max_sequence_length, label=label)
-    except Exception:
+    except Exception as error:
         uncompile_transformer(transformer)
-        log.exception("%s: torch.compile failed during warm-up; running without compile", label)
+        # The same warm-up without compile tells the two failures apart: if it fails too, the model does (a
+        # device mismatch, an OOM) and setup must fail with it; if it runs, compilation was at fault.
+        warm_up(pipeline, warm_up_sizes(), max_sequence_length=max_sequence_length)
+        log.warning("%s: torch.compile failed during warm-up; running without compile", label, exc_info=error)
         return CompileReport(compiled=False, cache_load_s=cache_load_s)
     hits = counters["inductor"]["fxgraph_cache_hit"] - before["fxgraph_cache_hit"]
     misses = counters["inductor"]["fxgraph_cache_miss"] - before["fxgraph_cache_miss"]

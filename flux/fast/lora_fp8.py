@@ -1,4 +1,6 @@
-"""LoRAs on fp8 weights: fused, and re-quantised from the bf16 checkpoint weight, never from the fp8 weight.
+"""LoRAs on go_fast's quantised weights: fused, and re-quantised from the bf16 checkpoint weight, never from the
+quantised weight. Written for fp8; the same holds for int8 (flux/fast/kernels.py picks the format per GPU), and
+below "fp8" means either: the fuser copies whatever inner tensors torchao's weight holds (data, scales, zero points).
 
 For every fp8 Linear a request's LoRAs touch:
 
@@ -27,13 +29,13 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from flux.fast.quantize import is_fp8, quantise_weight
+from flux.fast.quantize import is_quantised, quantise_weight
 from lora.apply import Backup, LoraFuser, OriginalsBudget
 from weights.store import TensorSource
 
 
 class Fp8LoraFuser(LoraFuser):
-    """A LoraFuser for components whose Linear weights may be torchao Float8Tensors.
+    """A LoraFuser for components whose Linear weights may be torchao quantised tensors (Float8Tensor, Int8Tensor).
 
     read_source(path, device) returns the original weight, in the model dtype, of the module at `path`
     ("transformer.x.y") on `device`, e.g. from the checkpoint; config is the torchao config the weights were quantised with."""
@@ -56,40 +58,41 @@ class Fp8LoraFuser(LoraFuser):
         }
 
     def snapshot(self, module: nn.Linear) -> Backup:
-        if not is_fp8(module.weight):
+        if not is_quantised(module.weight):
             return super().snapshot(module)
         device = module.weight.qdata.device
         source = self._read_source(self._paths[module], device)
         if tuple(source.shape) != tuple(module.weight.shape) or source.dtype != module.weight.dtype:
             raise ValueError(f"the checkpoint weight of {self._paths[module]} does not match the loaded model")
-        return Backup(self.keep(source, device), None if module.bias is None else self.keep(module.bias, device))
+        return self.keep_backup(source, module.bias, device)
 
     def restore(self, module: nn.Linear, backup: Backup) -> None:
-        if not is_fp8(module.weight):
+        if not is_quantised(module.weight):
             return super().restore(module, backup)
         source = backup.weight.to(module.weight.qdata.device, non_blocking=True)
         self.write_fused(module, source, backup.bias)  # quantised exactly as the build did
 
     def original_as_float32(self, module: nn.Linear, backup: Backup) -> tuple[Tensor, Tensor | None]:
-        if not is_fp8(module.weight):
+        if not is_quantised(module.weight):
             return super().original_as_float32(module, backup)
         device = module.weight.qdata.device
         bias = None if backup.bias is None else self.float32_on(backup.bias, device)
         return self.float32_on(backup.weight, device), bias
 
     def working_copy(self, module: nn.Linear, backup: Backup) -> tuple[Tensor, Tensor | None]:
-        if not is_fp8(module.weight):
+        if not is_quantised(module.weight):
             return super().working_copy(module, backup)
         return self.original_as_float32(module, backup)
 
     def write_fused(self, module: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
-        if not is_fp8(module.weight):
+        if not is_quantised(module.weight):
             return super().write_fused(module, weight, bias)
         # round to the model dtype first, as the bf16 model with this LoRA holds it, then quantise as the build does
         fused = quantise_weight(weight.to(module.weight.dtype), self._config)
+        inner, _ = module.weight.__tensor_flatten__()  # qdata and scale; int8's zero point too
         with torch.no_grad():
-            module.weight.qdata.copy_(fused.qdata)
-            module.weight.scale.copy_(fused.scale)
+            for name in inner:
+                getattr(module.weight, name).copy_(getattr(fused, name))
             if bias is not None:
                 module.bias.copy_(bias)
 
@@ -99,9 +102,9 @@ def fuser_for(
     originals_budget: OriginalsBudget | None = None,
 ) -> LoraFuser:
     """The fuser for one variant's transformer (and the shared CLIP text encoder): the fp8 one when the
-    transformer has fp8 Linears, reading its originals from `source`, the plain one otherwise."""
+    transformer has quantised Linears, reading its originals from `source`, the plain one otherwise."""
     components = {"transformer": transformer, "text_encoder": text_encoder}
-    if not any(is_fp8(module.weight) for module in transformer.modules() if isinstance(module, nn.Linear)):
+    if not any(is_quantised(module.weight) for module in transformer.modules() if isinstance(module, nn.Linear)):
         return LoraFuser(components, originals_budget=originals_budget)
 
     def read_source(path: str, device: torch.device) -> Tensor:

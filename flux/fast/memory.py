@@ -2,9 +2,10 @@
 
 Sizes are counted, not guessed: `real_sizes()` builds the real-size transformer, T5, CLIP, VAE and both safety
 models on the `meta` device (no weights, no memory) from weights/real_configs.py and adds up their parameters and
-buffers in the dtype each runs in. fp8 counts what flux/fast/quantize.py makes of a transformer: 1 byte per
-weight of the Linear layers it quantises (those inside the double and single blocks) plus one float32 scale
-per output row; everything else stays bf16.
+buffers in the dtype each runs in. fp8 (go_fast's variant) counts what flux/fast/quantize.py makes of a transformer
+with the GPU's kernel (flux/fast/kernels.py): 1 byte per weight of the Linear layers it quantises (those inside
+the double and single blocks) plus its scales (a float32 per output row; int8 adds an int8 zero point); everything
+else stays bf16.
 
 `plan_memory()` is the decision for one deployed class (`Demand`: the variants it must serve, those a request
 may ask for, those it wants resident), pure arithmetic on those sizes:
@@ -23,6 +24,8 @@ may ask for, those it wants resident), pure arithmetic on those sizes:
   2 bytes per weight: 22.3 GiB for a LoRA on every Linear, bf16 or fp8 alike. The plan counts that for every
   resident variant and the slot's largest, and gives them the GPU room left beside everything else (a switch
   is then an HBM copy); what does not fit there goes to pinned host memory (a PCIe copy).
+- Pinned host memory (`host_pinned`) is counted as torch takes it: in slabs, each rounded up to a power of two by
+  the caching host allocator (weights/pinned.py): T5's 8.87 GiB of tensors take 9.25 GiB.
 - setup never holds two full bf16 copies of one transformer (bf16 is loaded once, to one place; fp8 is built
   from the checkpoint tensor by tensor); the plan lists the setup steps with the copies alive after each.
 
@@ -34,12 +37,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import settings
 from flux.vae import tiling_pays
 from flux.variants import MODELS, Variant, default_resident
 from units import GiB
+from weights.pinned import arena_bytes, spilled_arena_bytes
 from weights.synthetic.components import FULL_SIZE, Layers, components  # the real configs, built on meta
+
+if TYPE_CHECKING:
+    from flux.fast.kernels import GoFastKernel
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +61,30 @@ T5 = "T5 XXL encoder (bf16)"  # its key in Sizes.shared
 
 # --- counting ----------------------------------------------------------------------------------------------
 
-def module_bytes(module, bytes_per_element: int, *, fp8: Callable[[str, object], bool] | None = None,
-                 per_row_scales: bool = True) -> int:
+def module_bytes(module, bytes_per_element: int, *, quantised: Callable[[str, object], bool] | None = None,
+                 kernel: GoFastKernel | None = None) -> int:
     """Bytes of a module's parameters and buffers with floating tensors at `bytes_per_element` (others as they
-    are). fp8(name, submodule) says which Linear weights are stored as fp8: 1 byte each, plus float32 scales
-    (one per output row, or one per tensor)."""
-    quantised = {f"{name}.weight": sub for name, sub in module.named_modules() if fp8 and fp8(name, sub)}
+    are). quantised(name, submodule) says which Linear weights `kernel` (default: the H100's) stores in 8 bits."""
+    eight_bit = {f"{name}.weight" for name, sub in module.named_modules() if quantised and quantised(name, sub)}
+    kernel = kernel or (default_kernel() if eight_bit else None)
     total = 0
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if name in quantised:
-            rows = tensor.shape[0]
-            total += tensor.numel() + 4 * (rows if per_row_scales else 1)
+        if name in eight_bit:
+            total += kernel.weight_bytes(*tensor.shape)
         elif tensor.is_floating_point():
             total += tensor.numel() * bytes_per_element
         else:
             total += tensor.numel() * tensor.element_size()
     return total
+
+
+def default_kernel() -> GoFastKernel:
+    """go_fast's kernel on the GPU the plan assumes without one (an H100, bf16)."""
+    import torch
+
+    from flux.fast.kernels import kernel_for
+
+    return kernel_for((9, 0), torch.bfloat16)
 
 
 def build_on_meta(layers: Layers = FULL_SIZE) -> dict[str, object]:
@@ -80,11 +96,13 @@ def build_on_meta(layers: Layers = FULL_SIZE) -> dict[str, object]:
 @dataclass(frozen=True)
 class Sizes:
     """Bytes per variant ("dev-bf16" ...), per shared component (T5 ...), and of the originals a LoRA on every
-    Linear of a variant keeps (per variant)."""
+    Linear of a variant keeps (per variant). pinned_blocks: the tensors that may wait in pinned host memory, as
+    byte sizes in the order they are copied there: T5's, and each variant's originals."""
 
     variants: dict[str, int]
     shared: dict[str, int]
     lora_originals: dict[str, int] = field(default_factory=dict)
+    pinned_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def shared_total(self) -> int:
@@ -94,27 +112,45 @@ class Sizes:
     def t5(self) -> int:
         return self.shared.get(T5, 0)
 
+    def blocks(self, name: str) -> tuple[int, ...]:
+        """pinned_blocks[name] (T5 or a variant), or its bytes as one block where they are not known."""
+        return self.pinned_blocks.get(name) or ((self.t5,) if name == T5 else (self.lora_originals.get(name, 0),))
 
-def linear_weight_bytes(module) -> int:
-    """bf16 bytes of every Linear weight: the originals a LoRA touching all of them keeps (lora/apply.py keeps
-    them in the model dtype; an fp8 fuser keeps the bf16 checkpoint weight and re-quantises it to restore)."""
+
+def linear_weight_blocks(module) -> tuple[int, ...]:
+    """bf16 bytes of each Linear weight, in module order: the originals a LoRA touching all of them keeps
+    (lora/apply.py keeps them in the model dtype; an fp8 fuser keeps the bf16 checkpoint weight and re-quantises
+    it to restore). Biases, 0.03% of it, are left out."""
     from torch import nn
 
-    return sum(BF16 * sub.weight.numel() for sub in module.modules() if isinstance(sub, nn.Linear))
+    return tuple(BF16 * sub.weight.numel() for sub in module.modules() if isinstance(sub, nn.Linear))
 
 
-def real_sizes(models: dict[str, object] | None = None, *, per_row_scales: bool = True) -> Sizes:
-    """The real FLUX.1 components' sizes as they sit on the GPU (about 10 s to build the models on meta)."""
+def linear_weight_bytes(module) -> int:
+    return sum(linear_weight_blocks(module))
+
+
+def _offloaded_blocks(module) -> tuple[int, ...]:
+    """Byte sizes of a module's distinct tensors (floating ones in bf16) in the order flux/offload.py pins them."""
+    tensors = {id(t): t for sub in module.modules() for t in [*sub._parameters.values(), *sub._buffers.values()]
+               if t is not None}
+    return tuple(t.numel() * (BF16 if t.is_floating_point() else t.element_size()) for t in tensors.values())
+
+
+def real_sizes(models: dict[str, object] | None = None, *, kernel: GoFastKernel | None = None) -> Sizes:
+    """The real FLUX.1 components' sizes as they sit on the GPU (about 10 s to build the models on meta), fp8
+    variants as go_fast's `kernel` (default: the H100's) stores them."""
     from flux.fast.quantize import is_quantised_linear
 
     models = models or build_on_meta()
-    variants, originals = {}, {}
+    variants, originals, pinned = {}, {}, {T5: _offloaded_blocks(models["t5"])}
     for model in MODELS:
         transformer = models[f"transformer-{model}"]
         variants[f"{model}-bf16"] = module_bytes(transformer, BF16)
-        variants[f"{model}-fp8"] = module_bytes(transformer, BF16, fp8=is_quantised_linear, per_row_scales=per_row_scales)
+        variants[f"{model}-fp8"] = module_bytes(transformer, BF16, quantised=is_quantised_linear, kernel=kernel)
+        blocks = linear_weight_blocks(transformer) + linear_weight_blocks(models["clip"])
         for precision in ("bf16", "fp8"):  # each variant's fuser keeps its own, the CLIP encoder's included
-            originals[f"{model}-{precision}"] = linear_weight_bytes(transformer) + linear_weight_bytes(models["clip"])
+            originals[f"{model}-{precision}"], pinned[f"{model}-{precision}"] = sum(blocks), blocks
     shared = {
         T5: module_bytes(models["t5"], BF16),
         "CLIP text encoder (bf16)": module_bytes(models["clip"], BF16),
@@ -122,7 +158,7 @@ def real_sizes(models: dict[str, object] | None = None, *, per_row_scales: bool 
         "safety stage 1, CLIP ViT-L (fp16)": module_bytes(models["safety-stage1"], FP16),
         "safety stage 2, ViT-base (fp32)": module_bytes(models["safety-stage2"], FP32),
     }
-    return Sizes(variants, shared, originals)
+    return Sizes(variants, shared, originals, pinned)
 
 
 # --- the decision ------------------------------------------------------------------------------------------
@@ -183,6 +219,8 @@ class MemoryPlan:
     slot: int  # GPU bytes kept free for one lazy variant at a time (0 when there is none)
     lora_originals_bytes: int  # at worst: a LoRA on every Linear of each variant that may be in memory at once
     lora_originals_gpu: int  # GPU bytes they may take (lora.apply.OriginalsBudget); the rest are pinned host memory
+    t5_pinned: int = 0  # pinned host bytes as torch takes them (weights/pinned.py): T5's, when it waits there
+    lora_originals_pinned: int = 0  # and the LoRA originals' host share, at worst
     error: str | None = None  # why the class cannot be served here (one sentence); None when it fits
     steps: tuple[SetupStep, ...] = ()
 
@@ -223,8 +261,9 @@ class MemoryPlan:
 
     @property
     def host_pinned(self) -> int:
-        """Pinned host bytes: T5 when it waits there, and the LoRA originals when they live there."""
-        return (self.t5_bytes if self.t5 == HOST else 0) + self.lora_originals_host
+        """Pinned host bytes, slabs rounded as torch's caching host allocator takes them: T5 when it waits there,
+        and the LoRA originals when they live there."""
+        return self.t5_pinned + self.lora_originals_pinned
 
     @property
     def peak(self) -> int:
@@ -268,8 +307,10 @@ def _place(sizes: Sizes, demand: Demand, *, budget: int, reserve: int, t5: str) 
         if sum(size[v] for v in [*resident, variant]) + slot([*resident, variant]) <= room:
             resident.append(variant)
     used = sum(size[v] for v in resident) + slot(resident)
-    in_slot = max((sizes.lora_originals.get(v, 0) for v in servable if v not in resident), default=0)
-    originals = sum(sizes.lora_originals.get(v, 0) for v in resident) + in_slot
+    in_slot = max((v for v in servable if v not in resident), key=lambda v: sizes.lora_originals.get(v, 0), default=None)
+    in_memory = [*resident, *([in_slot] if in_slot else [])]
+    originals = sum(sizes.lora_originals.get(v, 0) for v in in_memory)
+    originals_gpu = max(0, min(originals, room - used))
     missing = [v for v in demand.required if v not in servable]
     return MemoryPlan(
         demand=demand, budget=budget, activations=activations, t5=t5, t5_bytes=t5_bytes, shared_gpu=shared_gpu,
@@ -278,7 +319,10 @@ def _place(sizes: Sizes, demand: Demand, *, budget: int, reserve: int, t5: str) 
             for v in dict.fromkeys(demand.wanted + demand.servable)  # most wanted first
         },
         resident_bytes=sum(size[v] for v in resident), slot=slot(resident),
-        lora_originals_bytes=originals, lora_originals_gpu=max(0, min(originals, room - used)),
+        lora_originals_bytes=originals, lora_originals_gpu=originals_gpu,
+        t5_pinned=arena_bytes(sizes.blocks(T5)) if t5 == HOST else 0,
+        # at worst a LoRA on every Linear, taken in module order; each variant's fuser has its own arena
+        lora_originals_pinned=spilled_arena_bytes([sizes.blocks(v) for v in in_memory], originals_gpu),
         error=f"{', '.join(missing)} do not fit" if missing else None,
     )
 
@@ -312,7 +356,7 @@ def _refusal(sizes: Sizes, demand: Demand, *, budget: int, reserve: int, gpu_tot
 def _with_setup_steps(plan: MemoryPlan, sizes: Sizes) -> MemoryPlan:
     """Setup in order: the shared components (T5 to its place), then each resident variant onto the GPU. bf16 is
     loaded once, to its one place; fp8 is built from the checkpoint tensor by tensor, never from a bf16 copy."""
-    gpu, host = plan.shared_gpu, plan.t5_bytes if plan.t5 == HOST else 0
+    gpu, host = plan.shared_gpu, plan.t5_pinned
     copies = dict.fromkeys(MODELS, 0)
     steps = [SetupStep(f"text encoders (T5 -> {plan.t5}), VAE, safety checker -> GPU", gpu, host, dict(copies))]
     for variant in plan.variants(RESIDENT):
@@ -327,12 +371,13 @@ def _with_setup_steps(plan: MemoryPlan, sizes: Sizes) -> MemoryPlan:
 # --- defaults and settings ---------------------------------------------------------------------------------
 
 def fit_to_gpu(wanted: Sequence[Variant], gpu_total: int, *, go_fast_default: bool, go_fast_input: bool = True,
-               sizes: Sizes | None = None) -> MemoryPlan:
+               sizes: Sizes | None = None, kernel: GoFastKernel | None = None) -> MemoryPlan:
     """The plan for the deployed class on a GPU of gpu_total bytes (real FLUX.1 sizes, counted on meta in a few
-    seconds); wanted: the variants it would keep resident. Raises NotEnoughGpuMemory when the class cannot be
-    served there, so setup fails with the reason instead of the first request running out of memory."""
+    seconds, fp8 variants in this GPU's go_fast `kernel`); wanted: the variants it would keep resident. Raises
+    NotEnoughGpuMemory when the class cannot be served there, so setup fails with the reason instead of the first
+    request running out of memory."""
     demand = demand_for(go_fast_default, go_fast_input, wanted)
-    plan = plan_memory(sizes or real_sizes(), demand, gpu_total=gpu_total, **budgets_from_settings(gpu_total))
+    plan = plan_memory(sizes or real_sizes(kernel=kernel), demand, gpu_total=gpu_total, **budgets_from_settings(gpu_total))
     if not plan.fits:
         raise NotEnoughGpuMemory(plan.error)
     log.info(
