@@ -53,7 +53,8 @@ _declare("FLUX_INPUT_LOCAL_DIRS", "", "folders a request's `image`/`mask` paths 
 
 # --- LoRAs ---------------------------------------------------------------------------------------------------
 _declare("FLUX_DEFAULT_LORA", "", "main LoRA when a request has none (after cog's setup weights, `COG_WEIGHTS`)")
-_declare("FLUX_LORA_MEMORY_SLOTS", "4", "converted LoRAs kept in memory")
+_declare("FLUX_LORA_MEMORY_GB", "8", "converted LoRAs kept in host memory, GiB (least recently used dropped first; a request's own LoRAs are kept while it needs them, even past this)")
+_declare("FLUX_LORA_MEMORY_SLOTS", "", "also caps how many converted LoRAs are kept (unset: FLUX_LORA_MEMORY_GB alone decides)")
 _declare("FLUX_LORA_LOCAL_DIRS", "", "folders a request's local LoRA paths may come from (`:`-separated; unset: none)")
 _declare("FLUX_LORA_MAX_GB", "3", "largest LoRA file accepted")
 _declare("FLUX_LORA_CACHE_DIR", "~/.cache/flux/loras", "LoRA download cache")

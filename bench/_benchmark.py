@@ -16,6 +16,9 @@ weights; without CUDA the same table on the tiny weights, smaller. --memory-plan
 every deployed class on 16, 24, 48, 80 and 141 GiB (flux/fast/memory.py), --memory-plan --json as one JSON object.
 --load prints P7 (setup's peak RSS / the bytes it holds) and P8 (load throughput / a plain read of the same files)
 at the real widths on CPU, each side in a fresh process (bench/_benchmark_load.py).
+--multi-lora N prints the fused-once figure of MultiLoraPredictor at real widths on CPU: fusing N LoRAs on the same
+Linears / fusing one (goal for 4: <= 1.5), beside the floors of one pass and of a pass per LoRA
+(bench/_lora_switch.py; 1 double block, about 3.5 GB).
 """
 
 from __future__ import annotations
@@ -76,7 +79,13 @@ def main() -> int:
     parser.add_argument("--memory-plan", action="store_true", help="print the GPU memory plans and stop")
     parser.add_argument("--json", action="store_true", help="--memory-plan: one JSON object instead of tables")
     parser.add_argument("--load", action="store_true", help="P7 and P8 at real widths on CPU, and stop (see above)")
+    parser.add_argument("--multi-lora", type=int, metavar="N", help="fusing N LoRAs / one at real widths, and stop")
     args = parser.parse_args()
+    if args.multi_lora:
+        from script import _lora_switch
+
+        _lora_switch.multi_lora(args.multi_lora, args.repeats or 5)
+        return 0
     if args.memory_plan:
         return print_memory_plan(args.json)
     if args.load:

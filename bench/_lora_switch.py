@@ -8,6 +8,9 @@ on every Linear of the blocks (full coverage, as ai-toolkit trains them). Figure
 - back after none: a request without a LoRA (restore), then LoRA A again: the second step is timed;
 - per request: one transformer forward at 256x256 with the LoRA fused / without (the cost a LoRA that stays adds).
 fp8 rows use the weight-only fp8 build of the same weights (CPU's go_fast), the LoRA re-quantised from bf16.
+
+--multi N prints instead one figure for MultiLoraPredictor: fusing N LoRAs on the same Linears / fusing one
+(goal for N = 4: <= 1.5, as the fuser passes over each touched weight once, whatever the number of LoRAs).
 """
 
 from __future__ import annotations
@@ -135,13 +138,70 @@ def measure(label: str, transformer: nn.Module, source: StateDictSource, loras: 
           f"  -> {statistics.median(with_lora) / statistics.median(without):4.2f} (goal <= 1.05)", flush=True)
 
 
+class FuseFloor:
+    """What fusing these LoRAs must do at least per touched weight: copy the original, then add every B@A, either
+    as one GEMM of the factors stacked along the rank (one pass over the weight; the arithmetic still grows with
+    the LoRAs) or as one GEMM per LoRA (a pass each, as the fuser did before MultiLoraPredictor)."""
+
+    def __init__(self, source: StateDictSource, loras: list[LoraWeights], scratch: list[torch.Tensor], *, stacked: bool):
+        """scratch: one buffer per touched weight, allocated once and shared by the floors (memory)."""
+        paths = list(loras[0].deltas)
+        self.originals = [source.tensor(path.removeprefix("transformer.") + ".weight") for path in paths]
+        self.scratch = scratch
+        groups = [[lora] for lora in loras] if not stacked else [loras]
+        self.factors = [[(torch.cat([lora.deltas[path].up for lora in group], dim=1),
+                          torch.cat([lora.deltas[path].down for lora in group], dim=0)) for group in groups] for path in paths]
+
+    def __call__(self) -> None:
+        for original, scratch, factors in zip(self.originals, self.scratch, self.factors, strict=True):
+            scratch.copy_(original)
+            for up, down in factors:
+                scratch.addmm_(up, down)
+
+
+def measure_multi(transformer: nn.Module, source: StateDictSource, count: int, repeats: int) -> None:
+    """One LoRA fused vs `count` LoRAs on the same Linears, each step a full rewrite of the touched weights."""
+    fuser = fuser_for(transformer, nn.Identity(), source=source, dtype=torch.float32, config=go_fast_kernel(torch.device("cpu"), torch.float32).config)
+    loras = [full_coverage_lora(transformer, seed) for seed in range(1, count + 1)]
+    one, many = [(loras[0], 1.0)], [(lora, 1.0) for lora in loras]
+    scratch = [torch.empty(delta.shape) for delta in loras[0].deltas.values()]
+    steps = {
+        "fuse 1": lambda: fuser.apply(one),
+        f"fuse {count}": lambda: fuser.apply(many),
+        "floor 1": FuseFloor(source, loras[:1], scratch, stacked=True),
+        f"floor {count}, one pass": FuseFloor(source, loras, scratch, stacked=True),
+        f"floor {count}, a pass each": FuseFloor(source, loras, scratch, stacked=False),
+    }
+    fuser.apply(one)  # takes the originals once, as the first LoRA request does
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):  # interleaved; fuse 1 and fuse N alternate, so each rewrites every touched weight
+        for name, step in steps.items():
+            times[name].append(timed(step))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    for name, seconds in median.items():
+        print(f"  {name:<28} {seconds:7.3f}s  -> {seconds / median[name.split(' ')[0] + ' 1']:4.2f}x its 1-LoRA figure")
+    print(f"  fusing {count} LoRAs / fusing 1: {median[f'fuse {count}'] / median['fuse 1']:4.2f}x (goal <= 1.5 for 4; "
+          f"one pass per weight, so the rest is the GEMM's arithmetic, {count}x that of one LoRA)", flush=True)
+
+
+def multi_lora(count: int, repeats: int, double: int = 1, single: int = 0) -> None:
+    """script/benchmark --multi-lora and script/lora_switch --multi: the fused-once figure."""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; FLUX.1 transformer at real widths, "
+          f"{double} double + {single} single blocks, fp32 (the CPU model dtype); rank-{RANK} LoRAs on every block Linear", flush=True)
+    model = real_width_transformer(double, single)
+    measure_multi(model, StateDictSource(model), count, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--double", type=int, default=1)
     parser.add_argument("--single", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-fp8", action="store_true")
+    parser.add_argument("--multi", type=int, metavar="N", help="fusing N LoRAs / fusing one, in the model dtype")
     args = parser.parse_args()
+    if args.multi:
+        return multi_lora(args.multi, args.repeats, args.double, args.single)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; FLUX.1 transformer at real widths, "
           f"{args.double} double + {args.single} single blocks, fp32 (the CPU model dtype)", flush=True)
     bf16 = real_width_transformer(args.double, args.single)

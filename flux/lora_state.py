@@ -2,19 +2,26 @@
 
 Every request states its whole LoRA set, and the fuser makes the weights equal to the originals plus exactly
 that set (nothing when it is empty), so nothing leaks between requests. The same set at the same scales as the
-last request costs nothing. Converted LoRAs stay in a small in-memory LRU, so alternating LoRAs does not re-read
-files, and each variant's fuser keeps the originals it took, so a switch never takes them again. The main LoRA
-falls back to the deployment's default (see `default_main_lora`) when a request has none.
+last request costs nothing. A request's LoRA files are fetched in parallel (each through lora/fetch.py's
+downloader and cache). Converted LoRAs stay in an in-memory LRU sized in bytes (FLUX_LORA_MEMORY_GB; a request
+with 8 rank-128 LoRAs holds about 5 GB in float32), so alternating LoRAs does not re-read files; the LoRAs of the
+request being prepared are never dropped, so one request may take more than the budget until the next needs the
+room. Each variant's fuser keeps the originals it took, so a switch never takes them again. The main LoRA falls
+back to the deployment's default (see `default_main_lora`) when a request has none.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
+from torch import Tensor
 
 import settings
 from flux.fast.lora_fp8 import fuser_for
@@ -23,8 +30,10 @@ from flux.pipelines import FluxPipelines
 from flux.request import GenerationRequest, LoraSpec
 from flux.variants import Variant
 from lora.apply import LoraFuser, OriginalsBudget
+from lora.download.errors import DownloadCancelled
 from lora.fetch import fetch_lora
 from lora.formats import LoraWeights, load_lora
+from units import GiB
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +50,19 @@ def default_main_lora(setup_weights: str | None) -> str | None:
 
 class LoraState:
     def __init__(
-        self, pipelines: FluxPipelines, default_main: str | None = None, *, memory_slots: int | None = None,
+        self, pipelines: FluxPipelines, default_main: str | None = None, *, memory_bytes: int | None = None,
         originals_budget: OriginalsBudget | None = None,
     ):
-        """originals_budget: GPU bytes the fusers may keep originals in (the memory plan's); None: no limit."""
+        """memory_bytes: host bytes of converted LoRAs to keep (default FLUX_LORA_MEMORY_GB); originals_budget:
+        GPU bytes the fusers may keep originals in (the memory plan's); None: no limit."""
         self._pipelines = pipelines
         self.default_main = default_main
-        self._memory_slots = memory_slots or int(settings.number("FLUX_LORA_MEMORY_SLOTS"))
+        self._memory_bytes = memory_bytes if memory_bytes is not None else int(settings.number("FLUX_LORA_MEMORY_GB") * GiB)
+        # the count cap of earlier versions, kept for operators who set it; unset: bytes alone decide
+        self._memory_slots = int(settings.number("FLUX_LORA_MEMORY_SLOTS")) if settings.is_set("FLUX_LORA_MEMORY_SLOTS") else None
         self._originals_budget = originals_budget
         self._converted: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
+        self._sizes: dict[tuple[str, str], int] = {}  # bytes of each entry of _converted
         self._fusers: dict[Variant, LoraFuser] = {}
         pipelines.on_drop(self._forget)
         pipelines.on_slot(self._slot_in_use)
@@ -68,7 +81,7 @@ class LoraState:
         variant = variant or Variant(request.model)
         specs = self.requested(request)
         transformer = self._pipelines.transformer(variant)  # builds a variant that is not resident
-        loaded = [self._convert(spec, variant.model, transformer, cancelled) for spec in specs]  # all errors first
+        loaded = self._load(specs, variant.model, transformer, cancelled)  # all errors before any weight changes
         scales = configured_fused_scales([spec.scale for spec in specs], fp8=variant.fp8)
         for other, fuser in self._fusers.items():
             if other != variant:
@@ -85,14 +98,23 @@ class LoraState:
         the preload never drops one, e.g. the compiled warm fp8 variant, nor builds one the GPU has no room for."""
         if self.default_main:
             variant, transformer = self._pipelines.any_transformer()
-            spec = LoraSpec(self.default_main, 1.0, MAIN_INPUT, chosen_by_operator=True)
-            self._convert(spec, variant.model, transformer)
+            self._load([LoraSpec(self.default_main, 1.0, MAIN_INPUT, chosen_by_operator=True)], variant.model, transformer)
 
-    def _convert(self, spec: LoraSpec, model: str, transformer: torch.nn.Module, cancelled: Callable[[], bool] | None = None) -> LoraWeights:
-        path = fetch_lora(spec.source, input_name=spec.input_name, allow_any_local_path=spec.chosen_by_operator, cancelled=cancelled)
+    def _load(self, specs: list[LoraSpec], model: str, transformer: torch.nn.Module,
+              cancelled: Callable[[], bool] | None = None) -> list[LoraWeights]:
+        """The converted LoRAs of one request, in order: files fetched in parallel, each converted once."""
+        in_use: set[tuple[str, str]] = set()  # this request's entries: kept while it needs them
+        return [
+            self._convert(spec, path, model, transformer, in_use)
+            for spec, path in zip(specs, fetch_all(specs, cancelled), strict=True)
+        ]
+
+    def _convert(self, spec: LoraSpec, path: Path, model: str, transformer: torch.nn.Module,
+                 in_use: set[tuple[str, str]]) -> LoraWeights:
         stat = path.stat()
         identity = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
         key = (identity, model)  # a conversion fits every precision of the model: the module shapes are the same
+        in_use.add(key)
         if key in self._converted:
             self._converted.move_to_end(key)
             return self._converted[key]
@@ -100,10 +122,20 @@ class LoraState:
             path, input_name=spec.input_name, transformer=transformer, text_encoder=self._pipelines.text_encoder,
             identity=identity,
         )
-        self._converted[key] = weights
-        while len(self._converted) > self._memory_slots:
-            self._converted.popitem(last=False)
+        self._converted[key], self._sizes[key] = weights, converted_bytes(weights)
+        self._evict(keep=in_use)
         return weights
+
+    def _evict(self, keep: set[tuple[str, str]]) -> None:
+        """Drop the least recently used conversions, except `keep`, until the budget (and the count cap) hold."""
+        def over() -> bool:
+            too_many = self._memory_slots is not None and len(self._converted) > self._memory_slots
+            return too_many or sum(self._sizes.values()) > self._memory_bytes
+
+        for key in [key for key in self._converted if key not in keep]:
+            if not over():
+                return
+            del self._converted[key], self._sizes[key]
 
     def _fuser(self, variant: Variant, transformer: torch.nn.Module) -> LoraFuser:
         if variant not in self._fusers:
@@ -137,3 +169,41 @@ class LoraState:
             freed += fuser.demote(excess - freed)
         if freed:
             log.info("Moved %.1f GB of LoRA originals to host memory for the slot in %.2fs", freed / 1e9, time.perf_counter() - started)
+
+
+def fetch_all(specs: list[LoraSpec], cancelled: Callable[[], bool] | None = None) -> list[Path]:
+    """Each LoRA's checked local file, fetched in parallel through lora/fetch.py (its downloader and cache). The
+    first failure stops the other downloads; the error raised is that of the first input in request order that
+    failed by itself (not one stopped because another failed)."""
+    failed = threading.Event()
+
+    def fetch(spec: LoraSpec) -> Path:
+        try:
+            return fetch_lora(spec.source, input_name=spec.input_name, allow_any_local_path=spec.chosen_by_operator,
+                              cancelled=lambda: failed.is_set() or bool(cancelled and cancelled()))
+        except BaseException:
+            failed.set()
+            raise
+
+    if len(specs) <= 1:
+        return [fetch(spec) for spec in specs]
+    with ThreadPoolExecutor(max_workers=len(specs), thread_name_prefix="lora-fetch") as pool:
+        futures = [pool.submit(fetch, spec) for spec in specs]
+    errors = [future.exception() for future in futures if future.exception() is not None]
+    if errors:
+        raise next((error for error in errors if not isinstance(error, DownloadCancelled)), errors[0])
+    return [future.result() for future in futures]
+
+
+def converted_bytes(weights: LoraWeights) -> int:
+    """Host bytes a converted LoRA holds: its deltas' tensors, a storage that deltas share counted once."""
+    storages: dict[int, int] = {}
+    pending: list[object] = [value for delta in weights.deltas.values() for value in vars(delta).values()]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, tuple):
+            pending.extend(value)
+    return sum(storages.values())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from flux.images import prepare_image, prepare_mask
 from flux.seeds import batch_seeds, resolve_seed
 from flux.sizes import ASPECT_RATIOS, MEGAPIXELS, output_size
 from flux.variants import MODELS
+from lora.sources import parse_source
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ LIMITS: dict[str, tuple[float, float]] = {
     "output_quality": (0, 100),
     "lora_scale": (-1, 3),
     "extra_lora_scale": (-1, 3),
+    "extra_lora_scales": (-1, 3),  # MultiLoraPredictor: each entry
 }
+MAX_EXTRA_LORAS = 8  # MultiLoraPredictor's extra_loras: LoRAs one request may add besides the main one
 # The older flux-fine-tuner page (LegacyPredictor) allows lora_scale up to 2 only; in-process calls keep to it too.
 LEGACY_LIMITS: dict[str, tuple[float, float]] = {**LIMITS, "lora_scale": (-1, 2)}
 
@@ -101,6 +104,8 @@ def build_request(
     lora_scale: float = 1.0,
     extra_lora: str | None = None,
     extra_lora_scale: float = 1.0,
+    extra_loras: Sequence[str] | None = None,
+    extra_lora_scales: Sequence[float] | None = None,
     limits: Mapping[str, tuple[float, float]] = LIMITS,
 ) -> GenerationRequest:
     """Validate raw inputs (as cog passes them: no type coercion) and decode the images.
@@ -119,10 +124,14 @@ def build_request(
     guidance = _number("guidance_scale", guidance_scale, limits)
     quality = _integer("output_quality", output_quality, limits)
     main_lora_scale = _number("lora_scale", lora_scale, limits)
+    listed = _listed_loras(extra_loras, extra_lora_scales, limits)
     loras = _lora_specs(
         ("replicate_weights", replicate_weights, main_lora_scale),
         ("extra_lora", extra_lora, _number("extra_lora_scale", extra_lora_scale, limits)),
+        *listed,
     )
+    if listed:
+        _check_distinct(loras)
     checked_seed = _seed(seed)
     picture, mask_image = _images(image, mask)
     width, height = _resolve_size(picture, aspect_ratio, str(megapixels), width, height)
@@ -160,6 +169,50 @@ def _lora_specs(*inputs: tuple[str, object, float]) -> tuple[LoraSpec, ...]:
         for input_name, source, scale in inputs
         if source is not None and str(source).strip()
     )
+
+
+def _listed_loras(sources: object, scales: object, limits: Mapping[str, tuple[float, float]]) -> list[tuple[str, str, float]]:
+    """(input name, source, scale) of each entry of extra_loras, named by its index. Rules: at most
+    MAX_EXTRA_LORAS; no scales means 1 for every LoRA, otherwise exactly one scale per LoRA (a partial list would
+    put scales on the wrong LoRAs); an entry must name a LoRA (an empty one is a mistake, not "no LoRA")."""
+    sources, scales = _list_input("extra_loras", sources), _list_input("extra_lora_scales", scales)
+    if len(sources) > MAX_EXTRA_LORAS:
+        raise UserError(f"extra_loras: {len(sources)} LoRAs given; one request takes at most {MAX_EXTRA_LORAS}.")
+    if scales and len(scales) != len(sources):
+        raise UserError(
+            f"extra_lora_scales: {len(scales)} scale(s) for {len(sources)} LoRA(s) in extra_loras; give one scale "
+            "per LoRA, in the same order, or none to apply every LoRA at 1."
+        )
+    listed = []
+    for index, source in enumerate(sources):
+        name = f"extra_loras[{index}]"
+        if not isinstance(source, str):
+            raise UserError(f"{name}: expected a LoRA source (text), got {source!r}.")
+        if not source.strip():
+            raise UserError(f"{name}: is empty; remove the entry (and its scale) or name a LoRA.")
+        scale = _number(f"extra_lora_scales[{index}]", scales[index], limits, "extra_lora_scales") if scales else 1.0
+        listed.append((name, source, scale))
+    return listed
+
+
+def _list_input(name: str, value: object) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{name}: expected a list, got {value!r}.")
+    return list(value)
+
+
+def _check_distinct(loras: tuple[LoraSpec, ...]) -> None:
+    """Each LoRA once, whatever its spelling: two scales of one LoRA would add up, past its scale's bounds."""
+    first: dict[str, str] = {}
+    for spec in loras:
+        key = parse_source(spec.source, input_name=spec.input_name).cache_key
+        if key in first:
+            raise UserError(
+                f"{spec.input_name}: is the same LoRA as {first[key]}; list each LoRA once, with one scale."
+            )
+        first[key] = spec.input_name
 
 
 def _seed(seed: object) -> int | None:
@@ -207,10 +260,11 @@ def _check_choice(name: str, value: object, choices: list[str]) -> None:
         raise UserError(f"{name}: {value!r} is not one of {', '.join(choices)}.")
 
 
-def _number(name: str, value: object, limits: Mapping[str, tuple[float, float]]) -> float:
+def _number(name: str, value: object, limits: Mapping[str, tuple[float, float]], bounds_of: str | None = None) -> float:
+    """A number within `limits[bounds_of or name]` (bounds_of: a list input whose entries are named by index)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{name}: expected a number, got {value!r}.")
-    _check_range(name, value, limits)
+    _check_range(name, value, limits, bounds_of)
     return float(value)
 
 
@@ -225,7 +279,7 @@ def _integer(name: str, value: object, limits: Mapping[str, tuple[float, float]]
     return value
 
 
-def _check_range(name: str, value: float, limits: Mapping[str, tuple[float, float]]) -> None:
-    low, high = limits[name]
+def _check_range(name: str, value: float, limits: Mapping[str, tuple[float, float]], bounds_of: str | None = None) -> None:
+    low, high = limits[bounds_of or name]
     if not low <= value <= high:
         raise UserError(f"{name}: {value} is out of range; use {low:g} to {high:g}.")

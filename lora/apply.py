@@ -17,8 +17,9 @@ Originals are taken once per module and kept for the fuser's life, through reque
 touch other modules, so a switch never takes them again (on fp8 that would mean re-reading the checkpoint). Where
 they live is the memory plan's choice (`originals_budget`): beside the weight up to that many bytes (a GPU switch
 is then bound by GPU memory bandwidth), the rest in pinned host memory in the model dtype, copied to the GPU
-without blocking and cast there (bound by PCIe, 2 bytes per weight). A plain LoRA term is fused by one
-`addmm_` into the working copy, so B@A is never materialised beside it.
+without blocking and cast there (bound by PCIe, 2 bytes per weight). The plain LoRA terms of a module are fused
+by one `addmm_` into the working copy, their factors stacked along the rank: B@A is never materialised beside
+it, and each touched weight is read and written once however many LoRAs touch it.
 
 Extension point for fp8 (flux/fast/lora_fp8.py): override `snapshot`, `restore`, `original_as_float32`,
 `working_copy` and `write_fused`, which are the only places that read or write a weight.
@@ -313,22 +314,37 @@ class LoraFuser:
         device = weight.device
         # DoRA merges against the original: keep a copy only when some term needs it.
         original = weight.clone() if any(term.delta.magnitude is not None for term in terms) else None
+        low_rank = [term for term in terms if term.delta.magnitude is None and isinstance(term.delta, LoraDelta)]
+        self._add_low_rank(weight, low_rank)
         for term in terms:
-            if term.delta.magnitude is None and isinstance(term.delta, LoraDelta):
-                # W += s·f·B@A as one GEMM into W: B@A never exists as a separate (out, in) tensor
-                up, down = (factor.to(device, torch.float32) for factor in (term.delta.up, term.delta.down))
-                weight.addmm_(up, down, alpha=term.scale * term.delta.factor)
-            elif term.delta.magnitude is None:
-                weight.add_(term.delta.weight_delta(device).mul_(term.scale * term.delta.factor))
-            else:
+            if term.delta.magnitude is not None:
                 change = term.delta.weight_delta(device)
                 norm = self._column_norm(term, device) if term.delta.norm_group else None
                 change = dora_change(original, change.mul_(term.delta.factor), term.delta.magnitude, norm)
                 weight.add_(change.mul_(term.scale))
+            elif term not in low_rank:  # a LyCORIS product (LoKr, LoHa)
+                weight.add_(term.delta.weight_delta(device).mul_(term.scale * term.delta.factor))
             bias_delta = term.delta.bias_delta(device)
             if bias_delta is not None:
                 bias.add_(bias_delta.mul_(term.scale * term.delta.factor))
         self.write_fused(module, weight, bias)  # the bias too: an earlier LoRA may have changed it
+
+    @staticmethod
+    def _add_low_rank(weight: Tensor, terms: list[_Term]) -> None:
+        """W += Σ s·f·B@A as one GEMM into W, the terms' factors stacked along the rank: each touched weight is
+        read and written once however many LoRAs touch it, and B@A never exists as an (out, in) tensor."""
+        if not terms:
+            return
+        device = weight.device
+        if len(terms) == 1:
+            up, down = (factor.to(device, torch.float32) for factor in (terms[0].delta.up, terms[0].delta.down))
+            weight.addmm_(up, down, alpha=terms[0].scale * terms[0].delta.factor)
+            return
+        ups = torch.cat([term.delta.up.to(device, torch.float32) for term in terms], dim=1)
+        downs = torch.cat([term.delta.down.to(device, torch.float32) for term in terms], dim=0)
+        row_scales = [term.scale * term.delta.factor for term in terms for _ in range(term.delta.down.shape[0])]
+        downs.mul_(torch.tensor(row_scales, dtype=torch.float32, device=device)[:, None])  # s·f of each term's rows
+        weight.addmm_(ups, downs)
 
     def _column_norm(self, term: _Term, device: torch.device) -> Tensor:
         """‖W + D‖ per input column over all parts of a fused layer (computed once per LoRA and layer)."""

@@ -2,13 +2,15 @@
 
 Runs the predictor class that cog.yaml names, in this process (no Docker). Values are typed and checked against that
 class's input schema, `@path` passes a file, and outputs are written as output.{i}.{ext} in the output directory
-(default: the working directory).
+(default: the working directory). A list input (MultiLoraPredictor's extra_loras) takes one entry per -i, or a JSON
+list: `-i extra_loras=owner/a -i extra_loras=owner/b`, `-i 'extra_lora_scales=[0.8, 0.5]'`.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import shutil
 import sys
@@ -27,8 +29,21 @@ def parse_inputs(pairs: list[str], properties: dict) -> dict:
             raise SystemExit(f"-i {pair!r}: expected name=value")
         if name not in properties:
             raise SystemExit(f"-i {name}: unknown input; valid inputs: {', '.join(properties)}")
-        inputs[name] = typed_value(name, raw, properties[name])
+        schema = properties[name]
+        if schema.get("type") == "array":  # -i name=entry, once per entry, or -i name=[...] (JSON)
+            inputs.setdefault(name, []).extend(typed_list(name, raw, schema.get("items", {})))
+        else:
+            inputs[name] = typed_value(name, raw, schema)
     return inputs
+
+
+def typed_list(name: str, raw: str, items: dict) -> list:
+    if not raw.lstrip().startswith("["):
+        return [typed_value(name, raw, items)]
+    try:
+        return json.loads(raw)  # its entries' types are checked with the rest of the inputs (validate)
+    except json.JSONDecodeError:
+        raise SystemExit(f"-i {name}: {raw!r} is not a JSON list; give one entry per -i instead") from None
 
 
 def typed_value(name: str, raw: str, schema: dict) -> object:

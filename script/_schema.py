@@ -1,7 +1,9 @@
 """Writes .cog/openapi_schema.json from the run() signature in predict.py, following the rules cog's CLI applies.
 
 cog build would normally generate this file; without Docker we generate it from the same source of truth, and
-coglet validates inputs against it. `--check` exits 1 when the committed file is stale.
+coglet validates inputs against it. It also writes .cog/schemas/<Class>.json for each class in OWN_SCHEMAS,
+whose inputs no hosted page states (so the committed file is what reviews a change to them, and what a test
+server for that class is given). `--check` exits 1 when any committed file is stale.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from script.cog_inputs import ROOT, load_predictor, predictor_ref  # noqa: E402
 
 SCHEMA_FILE = ROOT / ".cog" / "openapi_schema.json"
+OWN_SCHEMAS = ("MultiLoraPredictor",)  # classes of predict.py whose schema is committed beside the deployed one
+
+
+def own_schema_file(class_name: str) -> Path:
+    return ROOT / ".cog" / "schemas" / f"{class_name}.json"
+
+
+def _shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def _unwrap_optional(annotation: object) -> tuple[object, bool]:
@@ -67,6 +78,8 @@ def input_schema(run: typing.Callable) -> tuple[dict, dict]:
             info = FieldInfo()
         annotation, optional = _unwrap_optional(hints[parameter.name])
         base = _type_schema(annotation)
+        # cog: an Optional list is "optional repeated": not required, but not nullable (a JSON null is refused)
+        nullable = optional and base["type"] != "array"
         if info.choices is not None:
             components[parameter.name] = {
                 "title": parameter.name,
@@ -81,7 +94,7 @@ def input_schema(run: typing.Callable) -> tuple[dict, dict]:
             prop["default"] = info.default
         elif not optional:
             required.append(parameter.name)
-        if optional:
+        if nullable:
             prop["nullable"] = True
         for key, value in (
             ("description", info.description),
@@ -202,16 +215,20 @@ def main() -> int:
     if args.predictor:
         print(render(load_predictor(args.predictor)), end="")
         return 0
-    text = render(load_predictor(predictor_ref()))
+    module_file = predictor_ref().split(":")[0]
+    files = {SCHEMA_FILE: render(load_predictor(predictor_ref()))}
+    files.update({own_schema_file(name): render(load_predictor(f"{module_file}:{name}")) for name in OWN_SCHEMAS})
     if args.check:
-        if not SCHEMA_FILE.exists() or SCHEMA_FILE.read_text() != text:
-            print(f"{SCHEMA_FILE.relative_to(ROOT)} is stale; run script/schema and commit it.", file=sys.stderr)
-            return 1
-        print(f"{SCHEMA_FILE.relative_to(ROOT)} is current.")
-        return 0
-    SCHEMA_FILE.parent.mkdir(exist_ok=True)
-    SCHEMA_FILE.write_text(text)
-    print(f"wrote {SCHEMA_FILE.relative_to(ROOT)}")
+        stale = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
+        for path in stale:
+            print(f"{_shown(path)} is stale; run script/schema and commit it.", file=sys.stderr)
+        if not stale:
+            print(", ".join(str(_shown(path)) for path in files) + " are current.")
+        return 1 if stale else 0
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {_shown(path)}")
     return 0
 
 

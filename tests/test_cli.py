@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,3 +83,20 @@ def test_predict_builds_and_validates_the_class_cog_yaml_names(tmp_path):
     result = run_cli("-i", "prompt=x", "-i", "lora_scale=3.5", cwd=tmp_path)
     assert "Predictor: predict.py:Predictor (from cog.yaml)" in result.stderr
     assert "lora_scale: 3.5 is greater than the maximum of 3" in result.stderr
+
+
+def test_a_list_input_takes_one_entry_per_flag_or_a_json_list():
+    """MultiLoraPredictor's extra_loras and extra_lora_scales, as `cog predict -i` users write them."""
+    from script._predict import parse_inputs
+    from script._schema import openapi_document
+    from script.cog_inputs import load_predictor
+
+    schema = openapi_document(load_predictor("predict.py:MultiLoraPredictor"))
+    properties = schema["components"]["schemas"]["Input"]["properties"]
+    flags = ["extra_loras=owner/a", "extra_loras=huggingface.co/owner/b", "extra_lora_scales=[0.8, -0.5]", "extra_lora_scales=1"]
+    assert parse_inputs(flags, properties) == {"extra_loras": ["owner/a", "huggingface.co/owner/b"], "extra_lora_scales": [0.8, -0.5, 1.0]}
+    assert parse_inputs(['extra_loras=["owner/a", "owner/b"]'], properties) == {"extra_loras": ["owner/a", "owner/b"]}
+    with pytest.raises(SystemExit, match="extra_lora_scales: expected a number"):
+        parse_inputs(["extra_lora_scales=strong"], properties)
+    with pytest.raises(SystemExit, match="is not a JSON list"):
+        parse_inputs(["extra_loras=[owner/a"], properties)

@@ -107,6 +107,30 @@ def test_extra_lora_without_main(models, main_and_extra):
     assert_fused(models, originals, [(extra_spec, 0.7)])
 
 
+def test_eight_loras_of_different_ranks_on_the_same_modules_are_the_hand_merged_sum(models):
+    """MultiLoraPredictor's case: the plain LoRA terms of a module go into one GEMM, their factors stacked along
+    the rank; that is still W + Σ scale·(alpha/rank)·B@A, each term at its own scale and alpha/rank."""
+    shared = MAIN_ONLY + SHARED
+    terms = []
+    for index, (rank, alpha, scale) in enumerate([(4, 2.0, 1.0), (8, 16.0, -0.5), (16, 4.0, 0.3), (4, 4.0, 3.0),
+                                                  (8, 2.0, -1.0), (2, 2.0, 0.75), (16, 32.0, 0.1), (4, 1.0, 2.0)]):
+        spec = factory.make_spec(*models, only=shared if index % 2 else shared + EXTRA_ONLY, seed=10 + index, rank=rank, alpha=alpha)
+        terms.append((spec, lora(models, spec, f"lora-{index}"), scale))
+    originals = snapshot(models)
+    LoraFuser(components(models)).apply([(weights, scale) for _, weights, scale in terms])
+    for path in shared + EXTRA_ONLY:  # against the exact sum: float32 arithmetic, then one rounding to the dtype
+        root, _, name = path.partition(".")
+        weight = components(models)[root].get_submodule(name).weight
+        expected = originals[f"{path}.weight"].double()
+        for spec, _, scale in terms:
+            if path in spec.modules:
+                module_lora = spec.modules[path]
+                expected += scale * (module_lora.alpha / module_lora.rank) * (module_lora.up.double() @ module_lora.down.double())
+        float32_error = 4 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+        torch.testing.assert_close(weight.double(), expected.to(weight.dtype).double(), rtol=torch.finfo(weight.dtype).eps,
+                                   atol=float32_error, msg=path)
+
+
 def test_scale_zero_is_bit_identical_to_no_lora(models, main_and_extra):
     (_, main), (extra_spec, extra) = main_and_extra
     originals = snapshot(models)

@@ -106,7 +106,11 @@ def test_numbers_out_of_range_name_the_input(name):
         inputs["replicate_weights"] = "owner/model"
     if name == "extra_lora_scale":
         inputs["extra_lora"] = "owner/model"
-    with pytest.raises(UserError, match=f"^{name}: .* out of range"):
+    named = name
+    if name == "extra_lora_scales":  # a list input (MultiLoraPredictor): each entry is named by its index
+        inputs = {"extra_loras": ["owner/model"], name: [high + 1]}
+        named = rf"{name}\[0\]"
+    with pytest.raises(UserError, match=f"^{named}: .* out of range"):
         build_request(prompt="x", **inputs)
 
 

@@ -93,7 +93,7 @@ def test_enum_components_follow_cog_rules():
         assert schemas[name]["type"] == "string"
 
 
-VARIANTS = ["predict.py:Predictor", "predict.py:FastPredictor", "predict.py:LegacyPredictor"]
+VARIANTS = ["predict.py:Predictor", "predict.py:FastPredictor", "predict.py:LegacyPredictor", "predict.py:MultiLoraPredictor"]
 # Where a variant's schema legitimately differs from flux/request.py's LIMITS and build_request's defaults, as its
 # seed page does. Anything not listed here must agree.
 STATED_DEFAULTS = {
@@ -200,7 +200,7 @@ def test_one_pinned_list_and_cog_uses_it():
     assert "torch==2.11.0" in lines
 
 
-@pytest.mark.parametrize("name", ["Predictor", "FastPredictor", "LegacyPredictor"])
+@pytest.mark.parametrize("name", ["Predictor", "FastPredictor", "LegacyPredictor", "MultiLoraPredictor"])
 def test_each_class_states_its_go_fast_default_as_its_signature_does(name):
     """setup() reads the plain class attribute; cog reads the signature. They must agree (Legacy has no go_fast:
     off, like its page)."""
@@ -211,3 +211,40 @@ def test_each_class_states_its_go_fast_default_as_its_signature_does(name):
     signature_default = parameter.default.default if parameter is not None else False
     assert cls.go_fast_default is signature_default
     assert cls.has_go_fast is (parameter is not None)
+
+
+def test_multi_lora_predictor_is_the_trained_lora_page_with_two_lists_for_the_extra_loras():
+    """Every input of Predictor but extra_lora/extra_lora_scale, as Predictor states it, in the same order; in their
+    place two lists as cog writes a list input (type array, items), the scales with the bounds of a LoRA scale
+    (JSON Schema applies minimum/maximum to numbers only: flux/request.py checks each entry). Neither list is
+    required nor nullable (cog's rule for an Optional list)."""
+    ours = resolved_inputs(variant_schemas("predict.py:MultiLoraPredictor"))
+    trained = resolved_inputs(variant_schemas("predict.py:Predictor"))
+    lists = {name: ours.pop(name) for name in ("extra_loras", "extra_lora_scales")}
+    replaced = {name: trained.pop(name) for name in ("extra_lora", "extra_lora_scale")}
+    assert list(ours) == list(trained)
+    for name, prop in ours.items():
+        # the page's "we apply a 1.5x multiplier" is not this server's default (FLUX_GO_FAST_LORA_MULTIPLIER=1)
+        differs = {"description"} if name == "lora_scale" else set()
+        assert {k: v for k, v in prop.items() if k not in differs} == {k: v for k, v in trained[name].items() if k not in differs}, name
+    assert [prop["x-order"] for prop in lists.values()] == [prop["x-order"] for prop in replaced.values()] == [19, 20]
+    assert lists["extra_loras"]["type"] == "array" and lists["extra_loras"]["items"] == {"type": "string"}
+    assert lists["extra_lora_scales"]["items"] == {"type": "number"}
+    assert (lists["extra_lora_scales"]["minimum"], lists["extra_lora_scales"]["maximum"]) == LIMITS["extra_lora_scales"] == (-1, 3)
+    assert all("default" not in prop and "nullable" not in prop for prop in lists.values())
+    assert variant_schemas("predict.py:MultiLoraPredictor")["Input"]["required"] == ["prompt"]
+
+
+def test_the_multi_lora_schema_file_is_committed_and_the_check_covers_it(tmp_path, monkeypatch, capsys):
+    """script/schema writes .cog/schemas/MultiLoraPredictor.json (a test server for the class is given it) and
+    --check fails when it is stale, as for the deployed class's file."""
+    from script import _schema
+
+    committed = _schema.own_schema_file("MultiLoraPredictor")
+    assert json.loads(committed.read_text()) == openapi_document(load_predictor("predict.py:MultiLoraPredictor"))
+    stale = tmp_path / "MultiLoraPredictor.json"
+    stale.write_text(committed.read_text().replace('"extra_loras"', '"extra_lora"', 1))
+    monkeypatch.setattr(_schema, "own_schema_file", lambda name: stale)
+    monkeypatch.setattr(sys, "argv", ["script/_schema.py", "--check"])
+    assert _schema.main() == 1
+    assert "MultiLoraPredictor.json is stale" in capsys.readouterr().err
