@@ -185,7 +185,7 @@ def measure_multi(transformer: nn.Module, source: StateDictSource, count: int, r
 
 
 def multi_lora(count: int, repeats: int, double: int = 1, single: int = 0) -> None:
-    """script/benchmark --multi-lora and script/lora_switch --multi: the fused-once figure."""
+    """bench/benchmark --multi-lora and bench/lora_switch --multi: the fused-once figure."""
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; FLUX.1 transformer at real widths, "
           f"{double} double + {single} single blocks, fp32 (the CPU model dtype); rank-{RANK} LoRAs on every block Linear", flush=True)
     model = real_width_transformer(double, single)
