@@ -56,7 +56,7 @@ def test_the_go_fast_multiplier_scales_every_lora_on_fp8(multi, loras, monkeypat
     with caplog.at_level(logging.INFO):
         scaled = run(multi, **FAST, go_fast=True, extra_loras=loras, extra_lora_scales=[0.5, 0.25, -0.5])
     assert scaled == reference
-    assert "go_fast: running the fp8 transformer" in caplog.text
+    assert "go_fast: running FLUX dev-fp8" in caplog.text
     for index, fused in enumerate(["0.75", "0.375", "-0.75"]):
         assert f"extra_loras[{index}]: " in caplog.text and f"(fused at {fused})" in caplog.text
 
