@@ -121,3 +121,32 @@ def test_a_compiled_row_whose_compile_failed_says_so(predictor, monkeypatch, tmp
     row = json.loads((tmp_path / "gpu_check.json").read_text())[-1]
     assert (row["variant"], row["compiled"], row["compile_failed"]) == ("dev-fp8", False, True)
     assert capsys.readouterr().out.splitlines()[-1].startswith("dev-fp8 eager (compile failed)")
+
+
+def test_the_phase_clock_puts_back_what_it_wrapped():
+    """Its restore() used to put the wrappers back in place of the originals: the check's clocks stayed on the
+    product's classes for the rest of the process (the simulated-GPU test runs the check in-process)."""
+    from types import SimpleNamespace
+
+    from script._benchmark_phases import PhaseClock
+
+    class Owner:
+        def method(self):
+            return "method"
+
+        @classmethod
+        def build(cls):
+            return cls
+
+    class Child(Owner):  # inherits `method`: nothing of its own to put back
+        pass
+
+    module = SimpleNamespace(function=lambda: "function")
+    saved = (vars(Owner)["method"], vars(Owner)["build"], module.function)
+    clock = PhaseClock(lambda: None)
+    for owner, name in ((Owner, "method"), (Owner, "build"), (module, "function"), (Child, "method")):
+        clock.wrap(owner, name, name)
+    assert (Owner().method(), Owner.build(), module.function(), Child().method()) == ("method", Owner, "function", "method")
+    assert {phase for phase, _, _ in clock.marks} == {"method", "build", "function"}
+    clock.restore()
+    assert (vars(Owner)["method"], vars(Owner)["build"], module.function) == saved and "method" not in vars(Child)
