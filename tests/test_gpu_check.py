@@ -4,6 +4,7 @@ stage ran and wrote what it measured."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -62,6 +63,25 @@ def test_cog_yamls_environment_is_set_before_torch_unless_the_user_set_it(monkey
     with pytest.raises(SystemExit):
         gpu_check.main(["--no-such-option"])  # set before the arguments are even read
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_no_compile_and_flux_compile_0_leave_out_the_compiled_rows(monkeypatch):
+    """The user's FLUX_COMPILE=0 is read before the check sets it (to 0) for its own setup."""
+    from script import _gpu_check as gpu_check
+
+    plans = []
+    monkeypatch.setattr(gpu_check, "run", lambda plan, out: plans.append(plan))  # the options, not the run
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.delenv("FLUX_COMPILE", raising=False)
+    gpu_check.main(["--cpu"])
+    gpu_check.main(["--cpu", "--no-compile", "--smoke"])
+    monkeypatch.setenv("FLUX_COMPILE", "0")
+    gpu_check.main(["--cpu"])
+    assert [plan.compile for plan in plans] == [True, False, False]
+    on_gpu = [dataclasses.replace(plan, cpu=False) for plan in plans]
+    assert [plan.no_compile_reason() for plan in on_gpu] == [None, *["--no-compile or FLUX_COMPILE=0"] * 2]
+    assert (on_gpu[0].steps, on_gpu[0].repeats, on_gpu[0].warm_runs) == ({"dev": 28, "schnell": 4}, 3, 1)
+    assert (on_gpu[1].steps, on_gpu[1].repeats, on_gpu[1].warm_runs) == ({"dev": 1, "schnell": 1}, 1, 0)  # --smoke
 
 
 def _tool(folder: Path, script: str) -> None:
