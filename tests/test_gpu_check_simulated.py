@@ -24,6 +24,9 @@ DEV_BF16_GIB = 22.2  # the full-size dev transformer in bf16 alone (flux/fast/si
 
 def phase_functions() -> list[object]:
     """What the check's phase clocks wrap (script/_benchmark_phases.py), as the classes hold them."""
+    from weights.libraries import prepare_libraries
+
+    prepare_libraries()  # before diffusers, as the check and the server import it
     from diffusers import AutoencoderKL, FluxPipeline
 
     import flux.generate
