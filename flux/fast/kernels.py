@@ -18,7 +18,7 @@ activations too, in the 8-bit format the card's tensor cores multiply fastest:
 - CPU: fp8 weights only, so the same build, LoRA and memory code runs in the tests; CPU speed is not the point.
 
 int8 and fp8 weights weigh the same in the memory plan (1 byte per weight, float32 scales per row; int8 adds an
-int8 zero point per row). README "go_fast on every GPU" has the published FLUX figures behind these choices.
+int8 zero point per row). docs/go-fast.md has the published FLUX figures behind these choices.
 """
 
 from __future__ import annotations
