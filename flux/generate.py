@@ -12,7 +12,7 @@ import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,7 +90,7 @@ class FluxGenerator:
         self.pipelines = FluxPipelines(
             store or WeightsFolder(weights.dev, weights.schnell), self.device, self.dtype, resident=placement.resident,
             unavailable=placement.unavailable, t5_on_host=placement.t5_on_host, vae_tiling=placement.vae_tiling,
-            warm=placement.warm,
+            warm=placement.warm, streamed=placement.streamed,
         )
         self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)  # logs its time
         self.loras = LoraState(self.pipelines, default_lora, originals_budget=placement.originals_budget)
@@ -248,6 +248,7 @@ class Placement:
     vae_tiling: bool = False
     warm: Variant | None = None
     originals_budget: OriginalsBudget | None = None
+    streamed: dict[Variant, tuple[int, ...]] = field(default_factory=dict)  # blocks each variant streams per step
 
 
 def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default: bool, has_go_fast: bool,
@@ -268,6 +269,7 @@ def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default
         vae_tiling=plan.vae_tiling,
         originals_budget=originals_budget,
         warm=plan.warm_slot,
+        streamed={Variant.parse(v): blocks for v, blocks in plan.streamed.items()},
     )
 
 
