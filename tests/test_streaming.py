@@ -21,7 +21,7 @@ from weights.pinned import PinnedArena
 from weights.store import WeightsFolder
 
 CPU = torch.device("cpu")
-STREAMED = (1, 3, 4)  # of the tiny transformer's blocks in running order: some double, some single; never the first
+STREAMED = (1, 2, 3)  # of the tiny transformer's 2 double + 2 single blocks in running order; never the first
 
 
 def _pipelines(tiny_weights, streamed: dict | None = None, **kwargs) -> FluxPipelines:
@@ -37,7 +37,9 @@ def _image(pipelines: FluxPipelines, variant: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", ["dev-bf16", "dev-fp8"])
-def test_a_streamed_transformer_makes_the_resident_ones_image_with_and_without_a_lora(tiny_weights, tmp_path, variant):
+def test_a_streamed_transformer_makes_the_resident_ones_image_with_and_without_a_lora(tiny_weights, tmp_path, variant,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("FLUX_LORA_LOCAL_DIRS", str(tmp_path))
     resident, streamed = _pipelines(tiny_weights), _pipelines(tiny_weights, {Variant.parse(variant): STREAMED})
     transformer = streamed.transformer(variant)
     blocks = transformer_blocks(transformer)
@@ -75,7 +77,9 @@ def test_blocks_visit_the_device_one_at_a_time_and_the_next_is_copied_before_it_
         layer.to("meta")  # resident
     model(torch.zeros(2, 8, device="meta"))
 
-    assert seen == [(0, [0, 3], [0]), (1, [0, 1, 3], [1]), (2, [0, 2, 3], [2]), (3, [0, 3], []), (4, [0, 3, 4], [])]
+    # (layer running, layers on the device, streamed blocks whose copy is in flight): the last streamed block's
+    # copy overlaps the resident layer before it
+    assert seen == [(0, [0, 3], [0]), (1, [0, 1, 3], [1]), (2, [0, 2, 3], [2]), (3, [0, 3], [2]), (4, [0, 3, 4], [])]
     assert all(p.device == CPU for i in (1, 2, 4) for p in model[i].parameters())  # back at rest afterwards
 
 
@@ -129,9 +133,9 @@ def test_tensors_already_in_the_arena_are_not_copied_again():
 def test_spread_streams_enough_evenly_and_never_the_first_block():
     sizes = [4] * 10
     assert memory.spread(sizes, 0) == []
-    assert memory.spread(sizes, 20) == [2, 4, 6, 8, 9] or sum(sizes[i] for i in memory.spread(sizes, 20)) >= 20
-    chosen = memory.spread(sizes, 20)
-    assert 0 not in chosen and sum(sizes[i] for i in chosen) >= 20 and max(b - a for a, b in zip(chosen, chosen[1:])) <= 2
+    assert memory.spread(sizes, 20) == [1, 2, 4, 6, 8]  # half of them: every other one
+    assert memory.spread(sizes, 8) == [2, 7]
+    assert memory.spread([4, 4, 8, 4, 4], 10) == [1, 3, 4]  # enough bytes, though the big one is skipped
     assert memory.spread(sizes, 1000) == list(range(1, 10))
 
 
