@@ -20,6 +20,7 @@ from PIL import Image
 
 import settings
 from errors import UserError
+from flux.fast.cards import GpuCannotServe, card_refusal
 from flux.fast.kernels import GoFastKernel, go_fast_kernel
 from flux.lora_scales import configured_fused_scales
 from flux.lora_state import LoraState
@@ -84,8 +85,10 @@ class FluxGenerator:
         self._has_go_fast = has_go_fast
         placement = Placement(resident=resident_variants(go_fast_default))  # CPU, tiny weights: no plan needed
         if self.device.type == "cuda" and not weights.tiny:
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            placement = _memory_plan(placement.resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast,
+            card = torch.cuda.get_device_properties(self.device)
+            if refusal := card_refusal(card.name, (card.major, card.minor), card.total_memory):
+                raise GpuCannotServe(refusal)
+            placement = _memory_plan(placement.resident, card.total_memory, go_fast_default=go_fast_default, has_go_fast=has_go_fast,
                                      kernel=go_fast_kernel(self.device, self.dtype))
         self.pipelines = FluxPipelines(
             store or WeightsFolder(weights.dev, weights.schnell), self.device, self.dtype, resident=placement.resident,

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import settings
+from flux.fast.cards import GpuCannotServe
 from flux.fast.sizes import T5, Sizes, real_sizes
 from flux.vae import tiling_pays
 from flux.variants import MODELS, Variant, default_resident
@@ -65,7 +66,7 @@ GPU_SIZES_GIB = (16, 24, 48, 80, 141)  # the plans bench/benchmark --memory-plan
 DEPLOYED = {"Predictor": (False, True), "FastPredictor": (True, True), "LegacyPredictor": (False, False)}
 
 
-class NotEnoughGpuMemory(RuntimeError):
+class NotEnoughGpuMemory(GpuCannotServe):
     """Setup refuses a GPU too small for the deployed class. It is the operator's problem, not a request's (so no
     errors.UserError); the message names the GPU's size, what the class needs, and what would fit."""
 
@@ -176,7 +177,7 @@ class MemoryPlan:
         parts = [
             f"FLUX {variant} streams {gib(nbytes)} GiB of its blocks at every step (at {HOST_LINK / 1e9:.0f} GB/s at "
             f"least {nbytes / HOST_LINK:.2f} s a step, overlapped with the step's compute)"
-            for variant, nbytes in self.streamed_bytes.items() if variant in self.demand.required
+            for variant, nbytes in self.streamed_bytes.items()
         ]
         if self.t5 == HOST:
             parts.append(f"T5's layers stream for each prompt encoding ({self.t5_bytes / HOST_LINK:.2f} s)")
@@ -191,19 +192,22 @@ class MemoryPlan:
 def plan_memory(sizes: Sizes, demand: Demand, *, budget: int, reserve: int, gpu_total: int | None = None) -> MemoryPlan:
     """Place T5, every variant and the LoRA originals; see the module docstring. T5 stays on the GPU whenever the
     class fits with it there (no copy per request). gpu_total only names the GPU in the refusal."""
+    plans = []
     for t5, streaming in ((GPU, False), (HOST, False), (HOST, True)):  # T5 streams before the transformer does
-        plan = _place(sizes, demand, budget=budget, reserve=reserve, t5=t5, streaming=streaming)
-        if plan.fits:
+        plans.append(_place(sizes, demand, budget=budget, reserve=reserve, t5=t5, streaming=streaming))
+        if plans[-1].fits and not plans[-1].variants(UNAVAILABLE):
             break
-    else:
-        plan = replace(plan, error=_refusal(sizes, demand, budget=budget, reserve=reserve, gpu_total=gpu_total))
-    return _with_setup_steps(plan, sizes)
+    # the first plan that serves every variant, else the first that serves the required ones (a fallback refused)
+    serving = [plan for plan in plans if plan.fits]
+    if serving:
+        return _with_setup_steps(min(serving, key=lambda plan: len(plan.variants(UNAVAILABLE))), sizes)
+    return _with_setup_steps(
+        replace(plans[-1], error=_refusal(sizes, demand, budget=budget, reserve=reserve, gpu_total=gpu_total)), sizes)
 
 
 def _place(sizes: Sizes, demand: Demand, *, budget: int, reserve: int, t5: str, streaming: bool) -> MemoryPlan:
-    layers = sizes.streamable_blocks(T5)
-    t5_away = (sum(layers) or sizes.t5) if t5 == HOST else 0  # the embedding and final norm stay on the GPU
-    in_flight = (IN_FLIGHT * max(layers) if layers else sizes.t5) if t5 == HOST else 0
+    t5_away = (sum(sizes.streamable_blocks(T5)) or sizes.t5) if t5 == HOST else 0  # embedding, final norm stay
+    in_flight = _t5_in_flight(sizes) if t5 == HOST else 0
     shared_gpu = sizes.shared_total - t5_away
     activations = max(reserve, in_flight)  # T5's layers stream in while no activations are held
     room = budget - shared_gpu - activations  # for transformers, the slot and GPU LoRA originals
@@ -299,28 +303,39 @@ def spread(sizes: Sequence[int], streamed_bytes: int) -> list[int]:
     return sorted(chosen)
 
 
-def _least_gpu(sizes: Sizes, demand: Demand, reserve: int) -> int:
-    """GPU bytes the class needs at least: T5 in host memory, its largest required transformer, the activations."""
-    return sizes.shared_total - sizes.t5 + max(sizes.variants[v] for v in demand.required) + max(reserve, sizes.t5)
+def _least_gpu(sizes: Sizes, demand: Demand, reserve: int) -> tuple[int, int, int, int]:
+    """GPU bytes the class needs at least, streaming all it can (T5's layers, every transformer block but the
+    first): (in all, its largest required transformer's share, the other components', the activations')."""
+    shared = sizes.shared_total - (sum(sizes.streamable_blocks(T5)) or sizes.t5)
+    transformer = max(_on_gpu(sizes, v, range(1, len(sizes.streamable_blocks(v)))) for v in demand.required)
+    activations = max(reserve, _t5_in_flight(sizes))
+    return shared + transformer + activations, transformer, shared, activations
+
+
+def _t5_in_flight(sizes: Sizes) -> int:
+    """GPU bytes T5 takes while it encodes from host memory: IN_FLIGHT layers (all of it when it cannot stream)."""
+    layers = sizes.streamable_blocks(T5)
+    return IN_FLIGHT * max(layers) if layers else sizes.t5
 
 
 def _refusal(sizes: Sizes, demand: Demand, *, budget: int, reserve: int, gpu_total: int | None) -> str:
     """One sentence: this GPU's size, what the class needs, and what would fit."""
-    need = _least_gpu(sizes, demand, reserve)
+    need, transformer, shared, activations = _least_gpu(sizes, demand, reserve)
     gpu = f"A {gib(gpu_total)} GiB GPU ({gib(budget)} GiB for the plan)" if gpu_total else f"A {gib(budget)} GiB budget"
     what = "fp8" if Variant.parse(demand.required[0]).fp8 else "bf16"
     options = [
         f"{name} ({gib(other)} GiB)" for name, flags in DEPLOYED.items()
-        if (other := _least_gpu(sizes, demand_for(*flags), reserve)) <= budget and name != demand.name
+        if (other := _least_gpu(sizes, demand_for(*flags), reserve)[0]) <= budget and name != demand.name
     ]
-    largest_reserve = budget - (need - max(reserve, sizes.t5))
-    if largest_reserve >= sizes.t5 and reserve > sizes.t5:  # T5 still comes in for each encoding
-        options.append(f"FLUX_GPU_RESERVE_GB={largest_reserve // (GIB // 10) / 10:.1f} (less room for activations)")
+    largest_reserve = budget - shared - transformer
+    if largest_reserve >= max(_t5_in_flight(sizes), GIB) and reserve > largest_reserve:
+        options.append(f"FLUX_GPU_RESERVE_GB={largest_reserve // (GIB // 10) / 10:.1f} (less room for activations: "
+                       "smaller images and fewer outputs per request)")
     options.append(f"a GPU of at least {-(-(need + CUDA_CONTEXT) // GIB)} GiB")
     return (
-        f"{gpu} cannot serve {demand.name}: it needs {gib(need)} GiB for one {what} transformer "
-        f"({gib(max(sizes.variants[v] for v in demand.required))} GiB), the CLIP encoder, VAE and safety checker "
-        f"and {gib(max(reserve, sizes.t5))} GiB for activations (T5 waiting in host memory between requests); "
+        f"{gpu} cannot serve {demand.name}: even streaming its {what} transformer's blocks and T5's layers from host "
+        f"memory it needs {gib(need)} GiB ({gib(transformer)} GiB of the transformer, {gib(shared)} GiB for the "
+        f"CLIP encoder, VAE, safety checker and T5's embedding, {gib(activations)} GiB for activations); "
         f"what would fit: {', or '.join(options)}."
     )
 

@@ -114,7 +114,9 @@ def real_sizes(models: dict[str, object] | None = None, *, kernel: GoFastKernel 
     from flux.offload import t5_layers, transformer_blocks
 
     models = models or build_on_meta()
-    variants, originals, pinned = {}, {}, {T5: _offloaded_blocks(models["t5"])}
+    # T5's layers rest in pinned host memory when T5 is not resident (its embedding and final norm go to the GPU)
+    variants, originals = {}, {}
+    pinned = {T5: tuple(nbytes for layer in t5_layers(models["t5"]) for nbytes in _offloaded_blocks(layer))}
     streamable = {T5: tuple(module_bytes(layer, BF16) for layer in t5_layers(models["t5"]))}
 
     def in_blocks(name: str, module: object) -> bool:  # quantised inside a block: every Linear there (quantize.py)
