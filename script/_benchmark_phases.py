@@ -44,6 +44,7 @@ class PhaseClock:
     def wrap(self, owner: object, name: str, phase: str) -> None:
         original = getattr(owner, name)
         had_own = name in vars(owner)
+        own = vars(owner).get(name)  # as stored (a classmethod stays one), read before `timed` replaces it
 
         def timed(*args, **kwargs):
             self.sync()
@@ -55,7 +56,7 @@ class PhaseClock:
                 self.marks.append((phase, started, time.perf_counter()))
 
         setattr(owner, name, timed)
-        self._originals.append((owner, name, vars(owner).get(name) if had_own else None, had_own))
+        self._originals.append((owner, name, own, had_own))
 
     def restore(self) -> None:
         for owner, name, original, had_own in reversed(self._originals):

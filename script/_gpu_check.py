@@ -18,7 +18,8 @@ rewritten as it lands, so a run cut short keeps what it measured:
 --cpu runs every stage on the 1/1/1 real-width model in bf16 at 128x128 with one step (requests are shrunk after
 validation, as no preset is that small; one variant resident, the others built when their rows start; nothing
 compiles on CPU, so no compiled rows), so the script is tested where there is no GPU. CPU figures say nothing
-about a GPU.
+about a GPU. --smoke runs each stage once (one step, one run, none unmeasured first; its times are not measurements:
+tests/test_gpu_check_simulated.py runs it on a simulated H100); --no-compile or FLUX_COMPILE=0: no compiled rows.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -60,10 +62,12 @@ class Report:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Sizes and repeats: full size at 1 MP on CUDA, the 1/1/1 model at 256x256 on CPU."""
+    """Sizes and repeats: full size at 1 MP on CUDA, the 1/1/1 model at 128x128 on CPU."""
 
     cpu: bool
     quick: bool
+    smoke: bool = False  # each stage once: one step, one run, no unmeasured run first
+    compile: bool = True  # whether the compiled rows run (on CUDA)
 
     @property
     def layers(self):
@@ -73,9 +77,13 @@ class Plan:
 
     side = property(lambda self: 128 if self.cpu else 1024)
     vae_side = property(lambda self: 128 if self.cpu else 1440)
-    steps = property(lambda self: {"dev": 1, "schnell": 1} if self.cpu else {"dev": 28, "schnell": 4})
-    repeats = property(lambda self: 1 if self.quick else 3)
-    warm_runs = property(lambda self: 0 if self.cpu and self.quick else 1)
+    steps = property(lambda self: {"dev": 1, "schnell": 1} if self.cpu or self.smoke else {"dev": 28, "schnell": 4})
+    repeats = property(lambda self: 1 if self.quick or self.smoke else 3)
+    warm_runs = property(lambda self: 0 if self.smoke or (self.cpu and self.quick) else 1)
+
+    def no_compile_reason(self) -> str | None:
+        """Why the compiled rows are left out, or None when they run."""
+        return "nothing compiles on CPU" if self.cpu else None if self.compile else "--no-compile or FLUX_COMPILE=0"
 
 
 def set_cog_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
@@ -268,8 +276,8 @@ class Rows:
                 + "".join(f" {phase} {value:7.3f}" for phase, value in medians.items())
                 + f"  peak {peak if peak is not None else '-'} GiB  graphs compiled {recompiled}")
         self.report.add("row", line, variant=variant, compiled=compiled.compiled, compile_failed=compiled.failed,
-                        lora=bool(lora),
-                        steps=request.num_inference_steps, size=[request.width, request.height], runs=len(runs),
+                        lora=bool(lora), steps=request.num_inference_steps, size=[request.width, request.height],
+                        runs=len(runs), warm_runs=self.plan.warm_runs,
                         median_s=medians, peak_gib=peak, graphs_compiled=recompiled)
 
     def switch(self, model: str, go_fast: bool, compile_report) -> None:
@@ -278,9 +286,12 @@ class Rows:
 
         variant = Variant(model, "fp8" if go_fast else "bf16")
         requests = [self.request(model, go_fast, lora) for lora in self.loras]
-        self.generator.loras.prepare(requests[1], variant)  # converts the second LoRA once
-        times = [self.clock.run(lambda r=requests[i % 2]: self.generator.loras.prepare(r, variant))["total"]
-                 for i in range(1 if self.plan.quick else 2 * self.plan.repeats)]
+        if self.plan.smoke:  # once, to the second LoRA, fetched and converted inside the switch
+            targets = requests[1:]
+        else:
+            self.generator.loras.prepare(requests[1], variant)  # converts the second LoRA once
+            targets = [requests[i % 2] for i in range(1 if self.plan.quick else 2 * self.plan.repeats)]
+        times = [self.clock.run(lambda r=r: self.generator.loras.prepare(r, variant))["total"] for r in targets]
         compiled = Compiled.of(self.generator.pipelines.transformer(variant), compile_report)
         median = round(statistics.median(times), 3)
         self.report.add("switch", f"switch {compiled.label(str(variant))}: {median:.3f}s (median of {len(times)})",
@@ -318,44 +329,59 @@ def vae_stage(report: Report, plan: Plan, generator) -> None:
 
 
 def run(plan: Plan, out: Path) -> None:
+    """Every stage; the scratch folder (safety models, LoRAs: 0.8 to 1.4 GB) goes when it ends, however it ends."""
     workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    configure_environment(plan, workdir)
-    report = Report(out)
-    device_stage(report)
-    import logging
+    try:
+        configure_environment(plan, workdir)
+        report = Report(out)
+        device_stage(report)
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+        from script._benchmark_phases import synthetic_loras  # its module imports no library
+        from weights.libraries import prepare_libraries
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
-    from weights.libraries import prepare_libraries
+        prepare_libraries()
+        generator, store = setup_stage(report, plan, workdir)
+        (workdir / "loras").mkdir()
+        loras = synthetic_loras(store.meta_transformer("dev"), workdir / "loras")
+        rows = Rows(report, plan, generator, loras)
+        try:
+            run_rows(report, plan, generator, rows)
+        finally:
+            rows.clock.restore()
+        vae_stage(report, plan, generator)
+        smoke = " (--smoke: each stage once, the times are not measurements)" * plan.smoke
+        report.add("done", f"done in {time.perf_counter() - report.started:.1f}s{smoke}; figures in {report.path}", smoke=plan.smoke)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
-    prepare_libraries()
-    generator, store = setup_stage(report, plan, workdir)
-    from script._benchmark_phases import synthetic_loras
 
-    (workdir / "loras").mkdir()
-    loras = synthetic_loras(store.meta_transformer("dev"), workdir / "loras")
-    rows = Rows(report, plan, generator, loras)
+def run_rows(report: Report, plan: Plan, generator, rows: Rows) -> None:
+    """Stages 3-5 per model: bf16 eager, fp8 eager, fp8 compiled (unless plan says no), without and with a LoRA."""
     for model in ("dev", "schnell"):
         for go_fast, compiled in ((False, False), (True, False), (True, True)):
             compile_report = None
             if compiled:
-                if plan.cpu:
-                    report.add("setup", f"setup: no compiled rows for {model}-fp8 (nothing compiles on CPU)")
+                if reason := plan.no_compile_reason():
+                    report.add("setup", f"setup: no compiled rows for {model}-fp8 ({reason})", skipped=f"{model}-fp8 compiled",
+                               reason=reason)
                     continue
                 compile_report = compile_stage(report, generator, model)
-            if not compiled:
+            else:
                 build_stage(report, generator, f"{model}-{'fp8' if go_fast else 'bf16'}")
             rows.row(model, go_fast, compile_report, None)
-            rows.row(model, go_fast, compile_report, loras[0])
+            rows.row(model, go_fast, compile_report, rows.loras[0])
             rows.switch(model, go_fast, compile_report)
-    vae_stage(report, plan, generator)
-    report.add("done", f"done in {time.perf_counter() - report.started:.1f}s; figures in {report.path}")
 
 
 def main(argv: list[str]) -> int:
     set_cog_environment(os.environ)  # first: before anything imports torch
     parser = argparse.ArgumentParser(prog="script/gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="the 1/1/1 real-width model at 256x256 on CPU (a test)")
+    parser.add_argument("--cpu", action="store_true", help="the 1/1/1 real-width model at 128x128 on CPU (a test)")
     parser.add_argument("--quick", action="store_true", help="one measured run per row instead of 3")
+    parser.add_argument("--smoke", action="store_true", help="each stage once, briefly: one step, one run per row and "
+                        "switch, none unmeasured first (a check that everything runs; its times are not measurements)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled rows (also when FLUX_COMPILE=0 "
+                        "is set): for a machine where torch.compile cannot run")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / ".cache" / "gpu-check"),
                         help="where gpu_check.json goes (default: $OUT, else .cache/gpu-check)")
     args = parser.parse_args(argv)
@@ -363,7 +389,10 @@ def main(argv: list[str]) -> int:
 
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA device; --cpu runs the check on the CPU")
-    run(Plan(cpu=args.cpu, quick=args.quick), args.out)
+    import settings
+
+    compiles = not args.no_compile and settings.flag("FLUX_COMPILE")  # the user's, before the check sets it for setup
+    run(Plan(cpu=args.cpu, quick=args.quick, smoke=args.smoke, compile=compiles), args.out)
     return 0
 
 

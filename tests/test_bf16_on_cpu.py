@@ -14,7 +14,6 @@ from tests.fixtures.lora_factory import make_spec, write_layout
 from tests.fixtures.simulated_inventory import placement
 
 BASE = {"prompt": "a photo of TOK", "num_inference_steps": 2, "megapixels": "0.25", "seed": 3, "output_format": "png"}
-DEFECT_1 = pytest.mark.xfail(strict=True, reason="defect 1 of issue 18: from_pipe turns the shared models to float32")
 
 
 @pytest.fixture
@@ -57,17 +56,14 @@ def test_text_to_image_requests_keep_every_component_in_bf16(generator, tmp_path
         assert set(run(generator, **inputs).values()) == {"bfloat16 on cpu"}, inputs
 
 
-@DEFECT_1
 def test_img2img_keeps_every_component_in_bf16(generator, images):
     assert set(run(generator, image=images["image"]).values()) == {"bfloat16 on cpu"}
 
 
-@DEFECT_1
 def test_inpainting_keeps_every_component_in_bf16(generator, images):
     assert set(run(generator, **images).values()) == {"bfloat16 on cpu"}
 
 
-@DEFECT_1
 def test_go_fast_runs_after_an_img2img_request(generator, images):
     run(generator, image=images["image"])
     try:

@@ -4,6 +4,7 @@ stage ran and wrote what it measured."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -64,6 +65,25 @@ def test_cog_yamls_environment_is_set_before_torch_unless_the_user_set_it(monkey
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
+def test_no_compile_and_flux_compile_0_leave_out_the_compiled_rows(monkeypatch):
+    """The user's FLUX_COMPILE=0 is read before the check sets it (to 0) for its own setup."""
+    from script import _gpu_check as gpu_check
+
+    plans = []
+    monkeypatch.setattr(gpu_check, "run", lambda plan, out: plans.append(plan))  # the options, not the run
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.delenv("FLUX_COMPILE", raising=False)
+    gpu_check.main(["--cpu"])
+    gpu_check.main(["--cpu", "--no-compile", "--smoke"])
+    monkeypatch.setenv("FLUX_COMPILE", "0")
+    gpu_check.main(["--cpu"])
+    assert [plan.compile for plan in plans] == [True, False, False]
+    on_gpu = [dataclasses.replace(plan, cpu=False) for plan in plans]
+    assert [plan.no_compile_reason() for plan in on_gpu] == [None, *["--no-compile or FLUX_COMPILE=0"] * 2]
+    assert (on_gpu[0].steps, on_gpu[0].repeats, on_gpu[0].warm_runs) == ({"dev": 28, "schnell": 4}, 3, 1)
+    assert (on_gpu[1].steps, on_gpu[1].repeats, on_gpu[1].warm_runs) == ({"dev": 1, "schnell": 1}, 1, 0)  # --smoke
+
+
 def _tool(folder: Path, script: str) -> None:
     folder.mkdir()
     (folder / "nvidia-smi").write_text(f"#!/bin/sh\n{script}\n")
@@ -121,3 +141,32 @@ def test_a_compiled_row_whose_compile_failed_says_so(predictor, monkeypatch, tmp
     row = json.loads((tmp_path / "gpu_check.json").read_text())[-1]
     assert (row["variant"], row["compiled"], row["compile_failed"]) == ("dev-fp8", False, True)
     assert capsys.readouterr().out.splitlines()[-1].startswith("dev-fp8 eager (compile failed)")
+
+
+def test_the_phase_clock_puts_back_what_it_wrapped():
+    """Its restore() used to put the wrappers back in place of the originals: the check's clocks stayed on the
+    product's classes for the rest of the process (the simulated-GPU test runs the check in-process)."""
+    from types import SimpleNamespace
+
+    from script._benchmark_phases import PhaseClock
+
+    class Owner:
+        def method(self):
+            return "method"
+
+        @classmethod
+        def build(cls):
+            return cls
+
+    class Child(Owner):  # inherits `method`: nothing of its own to put back
+        pass
+
+    module = SimpleNamespace(function=lambda: "function")
+    saved = (vars(Owner)["method"], vars(Owner)["build"], module.function)
+    clock = PhaseClock(lambda: None)
+    for owner, name in ((Owner, "method"), (Owner, "build"), (module, "function"), (Child, "method")):
+        clock.wrap(owner, name, name)
+    assert (Owner().method(), Owner.build(), module.function(), Child().method()) == ("method", Owner, "function", "method")
+    assert {phase for phase, _, _ in clock.marks} == {"method", "build", "function"}
+    clock.restore()
+    assert (vars(Owner)["method"], vars(Owner)["build"], module.function) == saved and "method" not in vars(Child)
