@@ -103,8 +103,9 @@ class PinnedArena:
 
     def holds(self, tensor: Tensor) -> bool:
         """Whether `tensor` is a view of one of the arena's slabs (already copied there)."""
+        # the storages' identity (their StorageImpl), not data_ptr(): that is 0 for every tensor without memory
         return tensor.device.type == "cpu" and any(
-            tensor.untyped_storage().data_ptr() == slab.untyped_storage().data_ptr() for slab in self._slabs)
+            tensor.untyped_storage()._cdata == slab.untyped_storage()._cdata for slab in self._slabs)
 
     def copy(self, tensor: Tensor) -> Tensor:
         """An exact copy of `tensor` (on any device) in the arena."""
