@@ -95,6 +95,8 @@ class _HostBlock:
                         index_of[id(tensor)] = len(self.copies)
                         self.copies.append(_HostCopy(tensor, arena))
                     self._slots.append((table, name, index_of[id(tensor)]))
+        self._resting = [nn.Parameter(copy.host, requires_grad=False) if copy.is_parameter else copy.host
+                         for copy in self.copies]
         self.rest()
 
     @property
@@ -102,14 +104,15 @@ class _HostBlock:
         return sum(copy.nbytes for copy in self.copies)
 
     def install(self, tensors: Sequence[Tensor]) -> None:
-        placed = [nn.Parameter(tensor, requires_grad=False) if copy.is_parameter else tensor
-                  for tensor, copy in zip(tensors, self.copies, strict=True)]
+        """The block's tensors become these (device copies, as plain tensors: made under the request's
+        inference_mode, they cannot become Parameters)."""
         for table, name, index in self._slots:
-            table[name] = placed[index]
+            table[name] = tensors[index]
 
     def rest(self) -> None:
-        """Its tensors back to the host copies (a LoRA fuser writes into these)."""
-        self.install([copy.host for copy in self.copies])
+        """Its tensors back to the host copies (a LoRA fuser writes into these), as the Parameters made when the
+        block was set up: one made now, under inference_mode, would be an inference tensor the fuser cannot write."""
+        self.install(self._resting)
 
 
 class _Copier:

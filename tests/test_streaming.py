@@ -32,8 +32,9 @@ def _pipelines(tiny_weights, streamed: dict | None = None, **kwargs) -> FluxPipe
 def _image(pipelines: FluxPipelines, variant: str) -> torch.Tensor:
     pipe = pipelines.get(variant, "txt2img")
     generator = torch.Generator("cpu").manual_seed(3)
-    return pipe(prompt="a photo", width=256, height=256, num_inference_steps=2, generator=generator,
-                max_sequence_length=64, output_type="pt").images
+    with torch.inference_mode():  # as FluxGenerator calls it: the device copies are inference tensors
+        return pipe(prompt="a photo", width=256, height=256, num_inference_steps=2, generator=generator,
+                    max_sequence_length=64, output_type="pt").images
 
 
 @pytest.mark.parametrize("variant", ["dev-bf16", "dev-fp8"])

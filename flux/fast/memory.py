@@ -61,7 +61,7 @@ GPU, HOST = "gpu", "host"
 CUDA_CONTEXT = int(0.6 * GIB)  # taken by the CUDA context and libraries before the first tensor
 HOST_LINK = 25e9  # bytes/s of pinned PCIe 4.0 x16 host-to-device copies, about
 IN_FLIGHT = 2  # streamed blocks on the GPU at once: the one running and the next (flux/offload.py)
-GPU_SIZES_GIB = (16, 24, 48, 80, 141)  # the plans bench/benchmark --memory-plan prints (141: one H200)
+GPU_SIZES_GIB = (12, 16, 24, 48, 80, 141)  # the plans bench/benchmark --memory-plan prints (141: one H200)
 # each deployed class of predict.py: (its go_fast default, whether its schema has a go_fast input)
 DEPLOYED = {"Predictor": (False, True), "FastPredictor": (True, True), "LegacyPredictor": (False, False)}
 
