@@ -158,3 +158,28 @@ def test_every_class_fits_a_16_to_24_gib_card_by_streaming(sizes, name, gib):
         assert plan.streamed_bytes[variant] == sum(sizes.streamable_blocks(variant)[i] for i in blocks)
     if name != "FastPredictor":
         assert "bf16" in plan.streaming_note() and "s a step" in plan.streaming_note()
+
+
+def test_on_a_simulated_gpu_each_copy_takes_the_side_stream_and_two_blocks_at_most_are_there():
+    """The CUDA branch of flux/offload.py: copies issued on a side stream, the compute stream waiting on each
+    block's event, every device part recorded on the compute stream; the streamed blocks in pinned slabs, and at
+    most IN_FLIGHT of them on the card at once (the memory plan counts two)."""
+    from tests.fixtures.simulated_gpu import simulated_gpu
+
+    with simulated_gpu("RTX 4080") as gpu:
+        model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(6)])
+        model[0].to("cuda")
+        block = sum(t.nbytes for t in model[1].parameters())
+        streamed = StreamedBlocks(model, list(model)[1:], torch.device("cuda"))
+        assert all(p.device == CPU and p.is_pinned() for layer in list(model)[1:] for p in layer.parameters())
+        inputs = torch.zeros(4, 512, device="cuda")
+        gpu.reset_peak()
+        before = gpu.allocated
+        output = model(inputs)
+        assert output.device.type == "cuda" and streamed.nbytes == 5 * block
+        assert gpu.stream_counts == {"wait_stream": 5, "on_side_stream": 5, "wait_event": 5, "record_stream": 10}
+        # the simulator's host-to-device copy holds a second copy of the tensor while it copies (a GPU's does not)
+        transient, activations = model[1].weight.nbytes, 2 * inputs.nbytes
+        assert block * memory.IN_FLIGHT < gpu.peak - before <= block * memory.IN_FLIGHT + transient + activations
+        del output
+        assert gpu.allocated == before  # every device copy gone after the forward
