@@ -13,7 +13,7 @@ The two sides of each ratio are interleaved and the medians of the repeats are u
 
 --gpu prints per-phase times of real predictions instead (script/_benchmark_phases.py): on CUDA with the real
 weights; without CUDA the same table on the tiny weights, smaller. --memory-plan prints the GPU memory plans of
-every deployed class on 16, 24, 48, 80 and 141 GiB (flux/fast/memory.py), --memory-plan --json as one JSON object.
+every deployed class on 12, 16, 24, 48, 80 and 141 GiB (flux/fast/memory.py), --memory-plan --json as one JSON object.
 --load prints P7 (setup's peak RSS / the bytes it holds) and P8 (load throughput / a plain read of the same files)
 at the real widths on CPU, each side in a fresh process (bench/_benchmark_load.py).
 --multi-lora N prints the fused-once figure of MultiLoraPredictor at real widths on CPU: fusing N LoRAs on the same
@@ -234,15 +234,17 @@ def summary_table(plans) -> str:
     """Markdown: one row per GPU size and class."""
     from flux.fast.memory import LAZY, RESIDENT, UNAVAILABLE, gib
 
-    rows = ["| GPU GiB | class | fits | resident | built when asked for | unavailable | T5 | LoRA originals GPU / host GiB (at worst) | serving peak / budget GiB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| GPU GiB | class | fits | resident | built when asked for | unavailable | T5 | streamed per step GiB | LoRA originals GPU / host GiB (at worst) | serving peak / budget GiB | pinned host GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for gpu, by_class in plans.items():
         for name, plan in by_class.items():
             listed = " | ".join(", ".join(plan.variants(where)) or "—" for where in (RESIDENT, LAZY, UNAVAILABLE))
             if plan.fits:
-                rest = f"{plan.t5} | {gib(plan.lora_originals_gpu)} / {gib(plan.lora_originals_host)} | {gib(plan.peak)} / {gib(plan.budget)}"
+                streamed = ", ".join(f"{v} {gib(n)}" for v, n in plan.streamed_bytes.items()) or "—"
+                rest = (f"{plan.t5} | {streamed} | {gib(plan.lora_originals_gpu)} / {gib(plan.lora_originals_host)} | "
+                        f"{gib(plan.peak)} / {gib(plan.budget)} | {gib(plan.host_pinned)}")
             else:
-                rest = f"— | — | — / {gib(plan.budget)}"
+                rest = f"— | — | — | — / {gib(plan.budget)} | —"
             rows.append(f"| {gpu} | {name} | {'yes' if plan.fits else '**no**'} | {listed} | {rest} |")
     return "\n".join(rows)
 
@@ -261,6 +263,7 @@ def plan_json(plan) -> dict[str, object]:
         host_pinned_gib=in_gib(plan.host_pinned), budget_gib=in_gib(plan.budget), peak_gib=in_gib(plan.peak),
         slot_gib=in_gib(plan.slot), activations_gib=in_gib(plan.activations), setup_peak_gib=in_gib(plan.setup_peak),
         max_bf16_copies=plan.max_bf16_copies,
+        streamed_gib={variant: in_gib(nbytes) for variant, nbytes in plan.streamed_bytes.items()},
     )
 
 

@@ -12,7 +12,7 @@ import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from PIL import Image
 
 import settings
 from errors import UserError
+from flux.fast.cards import GpuCannotServe, card_refusal
 from flux.fast.kernels import GoFastKernel, go_fast_kernel
 from flux.lora_scales import configured_fused_scales
 from flux.lora_state import LoraState
@@ -84,13 +85,15 @@ class FluxGenerator:
         self._has_go_fast = has_go_fast
         placement = Placement(resident=resident_variants(go_fast_default))  # CPU, tiny weights: no plan needed
         if self.device.type == "cuda" and not weights.tiny:
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            placement = _memory_plan(placement.resident, total, go_fast_default=go_fast_default, has_go_fast=has_go_fast,
+            card = torch.cuda.get_device_properties(self.device)
+            if refusal := card_refusal(card.name, (card.major, card.minor), card.total_memory):
+                raise GpuCannotServe(refusal)
+            placement = _memory_plan(placement.resident, card.total_memory, go_fast_default=go_fast_default, has_go_fast=has_go_fast,
                                      kernel=go_fast_kernel(self.device, self.dtype))
         self.pipelines = FluxPipelines(
             store or WeightsFolder(weights.dev, weights.schnell), self.device, self.dtype, resident=placement.resident,
             unavailable=placement.unavailable, t5_on_host=placement.t5_on_host, vae_tiling=placement.vae_tiling,
-            warm=placement.warm,
+            warm=placement.warm, streamed=placement.streamed,
         )
         self.safety = SafetyChecker.load(weights.safety_stage1, weights.safety_stage2, self.device)  # logs its time
         self.loras = LoraState(self.pipelines, default_lora, originals_budget=placement.originals_budget)
@@ -248,6 +251,7 @@ class Placement:
     vae_tiling: bool = False
     warm: Variant | None = None
     originals_budget: OriginalsBudget | None = None
+    streamed: dict[Variant, tuple[int, ...]] = field(default_factory=dict)  # blocks each variant streams per step
 
 
 def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default: bool, has_go_fast: bool,
@@ -268,6 +272,7 @@ def _memory_plan(wanted: tuple[Variant, ...], gpu_total: int, *, go_fast_default
         vae_tiling=plan.vae_tiling,
         originals_budget=originals_budget,
         warm=plan.warm_slot,
+        streamed={Variant.parse(v): blocks for v, blocks in plan.streamed.items()},
     )
 
 

@@ -142,6 +142,7 @@ class LoraState:
             self._fusers[variant] = fuser_for(
                 transformer, self._pipelines.text_encoder, source=self._pipelines.originals(variant.model),
                 dtype=self._pipelines.dtype, config=self._pipelines.go_fast.config, originals_budget=self._originals_budget,
+                compute_device=self._pipelines.device,  # the GPU fuses streamed blocks' host copies too
             )
         return self._fusers[variant]
 

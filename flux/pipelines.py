@@ -21,7 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline, FluxTransformer2DModel
@@ -31,9 +31,11 @@ from errors import UserError
 from flux.fast.compile import block_shapes, compile_for_serving, compile_reusing_graphs
 from flux.fast.kernels import GoFastKernel, go_fast_kernel
 from flux.fast.quantize import build_fp8_transformer
-from flux.offload import offload_between_calls
+from flux.offload import StreamedBlocks, stream_t5, to_arena, transformer_blocks
 from flux.vae import configure_vae
 from flux.variants import MODELS, PRECISIONS, Variant
+from units import GiB
+from weights.pinned import PinnedArena
 from weights.store import ModelStore, TensorSource, flux_transformer
 
 log = logging.getLogger(__name__)
@@ -70,20 +72,24 @@ class FluxPipelines:
         self, store: ModelStore, device: torch.device, dtype: torch.dtype, resident: tuple[Variant, ...], *,
         unavailable: frozenset[Variant] = frozenset(), t5_on_host: bool = False, vae_tiling: bool = False,
         warm: Variant | None = None, go_fast: GoFastKernel | None = None,
+        streamed: Mapping[Variant, tuple[int, ...]] | None = None,
     ):
         """resident: the variants built now and kept (flux/variants.py resident_variants). From the GPU memory
         plan: unavailable variants (no room for them here), T5 waiting in host memory between requests, whether
         the VAE decodes large images in tiles (flux/vae.py), and the variant that waits in the slot from setup
         when none fits resident (built and compiled now, then dropped for the next one asked for). go_fast: the
-        fp8 variant's kernel, default this device's (flux/fast/kernels.py; tests pass another GPU's to run it on CPU)."""
+        fp8 variant's kernel, default this device's (flux/fast/kernels.py; tests pass another GPU's to run it on CPU).
+        streamed: the transformer blocks (indices in running order) each variant streams from pinned host memory
+        at every step where the GPU has no room for all of them (flux/offload.py)."""
         started = time.perf_counter()
         self.store, self.device, self.dtype, self.resident = store, device, dtype, resident
         self.unavailable = unavailable
         self.go_fast = go_fast or go_fast_kernel(device, dtype)  # its config also re-quantises LoRAs on the fp8 variant
+        self.streamed = dict(streamed or {})
         host = torch.device("cpu")
         self._shared = store.shared_components(device, dtype, t5_device=host if t5_on_host else None)
-        if t5_on_host:
-            offload_between_calls(self._shared["text_encoder_2"], device)  # flux/offload.py
+        if t5_on_host:  # its layers stream through the GPU for each encoding (flux/offload.py)
+            stream_t5(self._shared["text_encoder_2"], device)
         configure_vae(self._shared["vae"], tiling=vae_tiling)
         self._schedulers = {model: store.scheduler(model) for model in MODELS}
         self._sources: dict[str, TensorSource] = {}
@@ -118,11 +124,24 @@ class FluxPipelines:
     def _build(self, variant: Variant, compile: bool = False) -> FluxTransformer2DModel:
         started = time.perf_counter()
         config, source = self.store.transformer_config(variant.model), self.originals(variant.model)
+        blocks = config["num_layers"] + config["num_single_layers"]
+        # the plan counts FLUX.1's 57 blocks; a synthetic test model with fewer streams those of its own it names
+        streamed = tuple(i for i in self.streamed.get(variant, ()) if i < blocks)
+        arena = PinnedArena(pin=self.device.type == "cuda") if streamed else None
+        resting = _resting_names(config, streamed)
+
+        def park(name: str, _module: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+            """A streamed block's tensor goes to pinned host memory as it arrives: the block never sits on the GPU."""
+            return to_arena(tensor, arena) if name.startswith(resting) else tensor
+
         if variant.fp8:
-            transformer = build_fp8_transformer(config, source, self.device, self.dtype, self.go_fast.config)
+            transformer = build_fp8_transformer(config, source, self.device, self.dtype, self.go_fast.config,
+                                                then=park if streamed else None)
         else:
-            transformer = flux_transformer(config, source, self.device, self.dtype)
+            transformer = flux_transformer(config, source, self.device, self.dtype, transform=park if streamed else None)
         log.info("Loaded FLUX %s in %.2fs", variant, time.perf_counter() - started)
+        if streamed:
+            return self._stream(variant, transformer, streamed, arena)
         if variant.fp8 and compile:
             # go_fast = 8-bit matmuls + torch.compile (CUDA only, flux/fast/compile.py), warmed up at setup. bf16
             # runs eagerly.
@@ -138,6 +157,16 @@ class FluxPipelines:
         elif variant.fp8:  # built for a request: compiled only if setup's graphs fit it, never warmed up here
             compile_reusing_graphs(transformer, self._compiled_shapes, label=f"FLUX {variant}",
                                    options=self.go_fast.inductor_options)
+        return transformer
+
+    def _stream(self, variant: Variant, transformer, streamed: tuple[int, ...], arena: PinnedArena):
+        """The transformer with these blocks streaming at every step. Not compiled: its blocks' hooks swap their
+        tensors at every call, which Dynamo would trace into the graph."""
+        blocks = transformer_blocks(transformer)
+        streaming = StreamedBlocks(transformer, [blocks[i] for i in streamed], self.device, arena)
+        log.info("FLUX %s: %d of its %d blocks (%s GiB) stream from pinned host memory at every step, the rest stay "
+                 "on the %s (not compiled)", variant, len(streamed), len(blocks), f"{streaming.nbytes / GiB:.2f}",
+                 self.device.type)
         return transformer
 
     def is_loaded(self, variant: Variant | str) -> bool:
@@ -202,6 +231,12 @@ class FluxPipelines:
             self._pipes[key] = MODES[mode](**self._shared, transformer=transformer, scheduler=self._schedulers[variant.model])
             self._pipes[key].set_progress_bar_config(disable=True)  # we log steps ourselves, one line each
         return self._pipes[key]
+
+
+def _resting_names(config: dict, streamed: tuple[int, ...]) -> tuple[str, ...]:
+    """Tensor name prefixes of the blocks at these indices (running order: double blocks, then single ones)."""
+    double = config["num_layers"]
+    return tuple(f"transformer_blocks.{i}." if i < double else f"single_transformer_blocks.{i - double}." for i in streamed)
 
 
 def _unavailable_message(variant: Variant) -> str:

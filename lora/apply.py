@@ -99,11 +99,15 @@ class LoraFuser:
     are restored before the exception propagates, so the next request starts clean.
     """
 
-    def __init__(self, components: Mapping[str, nn.Module], *, originals_budget: OriginalsBudget | None = None):
+    def __init__(self, components: Mapping[str, nn.Module], *, originals_budget: OriginalsBudget | None = None,
+                 compute_device: torch.device | None = None):
         """originals_budget: GPU bytes the originals may take, shared by every fuser on that GPU (None: no limit);
-        the rest go to pinned host memory. Weights on the CPU keep their originals beside them."""
+        the rest go to pinned host memory. Weights on the CPU keep their originals beside them. compute_device:
+        where fused values are computed for weights that rest on the host (a streamed model, flux/offload.py: the
+        GPU, which fuses them as it would resident ones); None: each weight's own device."""
         self._components = dict(components)
         self._budget = originals_budget
+        self._compute_device = compute_device
         self._backups: dict[str, Backup] = {}  # module path -> originals of every module ever changed (kept)
         self._changed: set[str] = set()  # the modules that now differ from their originals
         self._active: tuple[tuple[str, float], ...] = ()  # (identity, scale) of the fused LoRAs
@@ -211,6 +215,8 @@ class LoraFuser:
         """An exact copy of `tensor` where the originals of weights on `device` live: on that device while the
         budget lasts (always, for the CPU), else in pinned host memory, which the GPU reads without staging."""
         tensor = tensor.detach()
+        if device.type == "cpu" and self.compute_on(tensor).type == "cuda":  # a streamed weight's: pinned, for the GPU
+            return self._host_copy(tensor)
         counted = device.type != "cpu" and self._budget is not None
         if counted and not self._budget.take(tensor.nbytes):
             return self._host_copy(tensor)
@@ -235,7 +241,7 @@ class LoraFuser:
         """An exact host copy, in the fuser's pinned slabs (weights/pinned.py: pinned one by one, each original
         would be rounded up to a power of two), which the GPU reads back without a staging copy."""
         if self._host is None:
-            self._host = PinnedArena(pin=tensor.device.type == "cuda")
+            self._host = PinnedArena(pin="cuda" in (tensor.device.type, self.compute_on(tensor).type))
         return self._host.copy(tensor)
 
     @staticmethod
@@ -257,9 +263,14 @@ class LoraFuser:
             if backup.bias is not None:
                 module.bias.copy_(backup.bias)
 
+    def compute_on(self, weight: Tensor) -> torch.device:
+        """Where the fused value of this weight is computed: compute_device for a weight resting on the host."""
+        device = weight.device
+        return self._compute_device if self._compute_device is not None and device.type == "cpu" else device
+
     def original_as_float32(self, module: nn.Linear, backup: Backup) -> tuple[Tensor, Tensor | None]:
-        """Fresh float32 copies of the originals, on the module's device (callers add to them in place)."""
-        device = module.weight.device
+        """Fresh float32 copies of the originals, where the fused value is computed (callers add to them in place)."""
+        device = self.compute_on(module.weight)
         weight = self.float32_on(backup.weight, device)
         bias = None if backup.bias is None else self.float32_on(backup.bias, device)
         return weight, bias
@@ -268,7 +279,8 @@ class LoraFuser:
         """Where `_fuse` accumulates: the module's own weight, reset to the original, when it is float32 beside
         its backup (a CPU model: one copy instead of two), else `original_as_float32`."""
         weight = module.weight
-        if type(weight) is not nn.Parameter or weight.dtype != torch.float32 or backup.weight.device != weight.device:
+        if (type(weight) is not nn.Parameter or weight.dtype != torch.float32 or backup.weight.device != weight.device
+                or self.compute_on(weight) != weight.device):
             return self.original_as_float32(module, backup)
         with torch.no_grad():
             weight.copy_(backup.weight)
@@ -278,10 +290,10 @@ class LoraFuser:
     def write_fused(self, module: nn.Linear, weight: Tensor, bias: Tensor | None) -> None:
         """Store float32 fused values into the module in its own dtype (round to nearest even)."""
         with torch.no_grad():
-            if weight is not module.weight:
-                module.weight.copy_(weight)
+            if weight is not module.weight:  # rounded where it was computed: 2 bytes per weight cross a host link
+                module.weight.copy_(weight.to(module.weight.dtype))
             if bias is not None:
-                module.bias.copy_(bias)
+                module.bias.copy_(bias.to(module.bias.dtype))
 
     # --- internals -------------------------------------------------------------------------------------
 

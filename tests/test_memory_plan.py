@@ -14,6 +14,7 @@ from torch import nn
 
 import predict
 from flux.fast import memory, sizes
+from flux.fast.cards import BF16_TENSOR_CORES, CARDS, card_refusal
 from flux.fast.kernels import go_fast_kernel
 from flux.fast.memory import (
     GIB,
@@ -30,7 +31,7 @@ from flux.fast.memory import (
 )
 from flux.fast.quantize import is_quantised_linear, quantise_weight
 from flux.fast.sizes import T5, Sizes, module_bytes
-from flux.variants import Variant
+from flux.variants import Variant, default_resident
 from weights.pinned import SLAB_BYTES, arena_bytes, caching_host_bytes
 from weights.real_configs import TRANSFORMER
 from weights.tiny.flux import tiny_transformer
@@ -127,9 +128,11 @@ def plans(real_sizes):
 FP8, BF16 = ["dev-fp8", "schnell-fp8"], ["dev-bf16", "schnell-bf16"]
 EVERY = {"Predictor": BF16 + FP8, "FastPredictor": FP8 + BF16, "LegacyPredictor": BF16}
 # GPU GiB -> class -> (resident, lazy, unavailable, t5); None: setup refuses
+STREAMING = {name: ([], every, [], HOST) for name, every in EVERY.items()}  # every variant in the slot, streaming
 EXPECTED = {
-    16: dict(Predictor=None, FastPredictor=None, LegacyPredictor=None),
-    24: dict(Predictor=None, FastPredictor=([], FP8, BF16, HOST), LegacyPredictor=None),
+    12: dict(Predictor=None, FastPredictor=None, LegacyPredictor=None),
+    16: STREAMING,
+    24: STREAMING,
     48: {name: ([], every, [], GPU) for name, every in EVERY.items()},
     80: dict(Predictor=(BF16, FP8, [], GPU), FastPredictor=(FP8, BF16, [], GPU), LegacyPredictor=(BF16, [], [], GPU)),
     141: {name: (every, [], [], GPU) for name, every in EVERY.items()},
@@ -149,23 +152,32 @@ def test_each_class_on_each_gpu(plans, real_sizes, gpu, name):
     assert plan.peak <= plan.budget == gpu * GIB - memory.CUDA_CONTEXT
     assert plan.setup_peak <= plan.budget and plan.max_bf16_copies <= 1
     assert not plan.vae_tiling  # one untiled 1440x1440 decode fits the room kept for activations
-    assert plan.slot == max((real_sizes.variants[v] for v in lazy), default=0)
+    assert plan.slot == max((_slot_bytes(real_sizes, plan, v) for v in lazy), default=0)
     # originals: for each variant that may be in memory at once; GPU room first, the rest pinned on the host
     in_memory = resident + ([max(lazy, key=real_sizes.variants.get)] if lazy else [])
     assert plan.lora_originals_bytes == sum(real_sizes.lora_originals[v] for v in in_memory)
     assert plan.lora_originals_gpu + plan.lora_originals_host == plan.lora_originals_bytes
     # pinned host memory as torch takes it: whole slabs, a little more than they hold (weights/pinned.py)
-    held = plan.lora_originals_host + (real_sizes.t5 if t5 == HOST else 0)
-    assert held <= plan.host_pinned <= 1.05 * held + len(in_memory) * SLAB_BYTES
+    t5_layers = sum(real_sizes.streamable_blocks(T5)) if t5 == HOST else 0
+    held = plan.lora_originals_host + t5_layers + max(plan.streamed_bytes.values(), default=0)
+    assert held <= plan.host_pinned <= 1.05 * held + (len(in_memory) + 2) * SLAB_BYTES
+
+
+def _slot_bytes(real_sizes, plan, variant: str) -> int:
+    """GPU bytes of a variant in the slot: all of it, or what does not stream and IN_FLIGHT blocks in flight."""
+    if variant not in plan.streamed:
+        return real_sizes.variants[variant]
+    blocks = real_sizes.streamable_blocks(variant)
+    return real_sizes.variants[variant] - plan.streamed_bytes[variant] + memory.IN_FLIGHT * max(blocks)
 
 
 def test_pinned_host_memory_is_counted_as_torch_takes_it(plans, real_sizes):
     """torch's caching host allocator rounds each pinned block up to a power of two: T5 pinned tensor by tensor
     took 12.25 GiB, a transformer's originals 34.9 GiB. In slabs they take about their size, and the plan says so."""
-    t5 = real_sizes.pinned_blocks[T5]
-    assert sum(t5) == real_sizes.t5 and caching_host_bytes(t5) > 1.37 * real_sizes.t5
+    t5 = real_sizes.pinned_blocks[T5]  # its layers' tensors: the embedding and final norm go to the GPU
+    assert sum(t5) == sum(real_sizes.streamable_blocks(T5)) and caching_host_bytes(t5) > 1.37 * sum(t5)
     fast24 = plans[24]["FastPredictor"]
-    assert fast24.t5 == HOST and fast24.t5_pinned == arena_bytes(t5) < 1.05 * real_sizes.t5
+    assert fast24.t5 == HOST and fast24.t5_pinned == arena_bytes(t5) < 1.05 * sum(t5)
     originals = real_sizes.pinned_blocks["dev-fp8"]
     assert sum(originals) == real_sizes.lora_originals["dev-fp8"] and caching_host_bytes(originals) > 1.5 * sum(originals)
     assert fast24.lora_originals_pinned < 1.05 * fast24.lora_originals_host
@@ -173,17 +185,32 @@ def test_pinned_host_memory_is_counted_as_torch_takes_it(plans, real_sizes):
     assert h100.lora_originals_host <= h100.host_pinned < 1.03 * h100.lora_originals_host
 
 
-def test_what_the_goals_ask(plans):
-    # FastPredictor from 24 GiB: fp8 on the GPU, T5 waiting in host memory; the bf16 fallbacks cannot fit there
-    fast24 = plans[24]["FastPredictor"]
-    assert fast24.warm_slot == Variant("dev", "fp8") and fast24.activations >= fast24.t5_bytes
-    # Predictor and LegacyPredictor from 48 GiB, one bf16 transformer at a time: two (44.3 GiB) and the rest
-    # without T5 (1.3 GiB) would leave under 2 GiB for activations
-    assert all(plans[48][name].fits for name in ("Predictor", "LegacyPredictor"))
-    assert not plans[24]["Predictor"].fits and "what would fit: FastPredictor" in plans[24]["Predictor"].error
+def test_what_the_goals_ask(plans, real_sizes):
+    # every class on 16 and 24 GiB: nothing resident, nothing refused; a bf16 transformer streams what does not fit
+    # (22.2 GiB of blocks) beside T5's embedding, CLIP, the VAE, the safety models and the activations
+    for gpu in (16, 24):
+        assert all(plan.fits and not plan.variants(UNAVAILABLE) for plan in plans[gpu].values())
+    predictor16, predictor24, fast24 = plans[16]["Predictor"], plans[24]["Predictor"], plans[24]["FastPredictor"]
+    assert predictor16.streamed_bytes["dev-bf16"] / GIB == pytest.approx(19.7, abs=0.1)
+    assert predictor24.streamed_bytes["dev-bf16"] / GIB == pytest.approx(11.6, abs=0.1)
+    assert 0 not in predictor24.streamed["dev-bf16"]  # the first block never streams: nothing to overlap its copy
+    # FastPredictor on 24 GiB: its fp8 transformers whole, its bf16 fallbacks (image, mask, custom size) streaming
+    assert "dev-fp8" not in fast24.streamed and fast24.streamed_bytes["dev-bf16"] == predictor24.streamed_bytes["dev-bf16"]
+    assert fast24.warm_slot == Variant("dev", "fp8") and fast24.t5 == HOST
+    assert fast24.activations >= memory.IN_FLIGHT * max(real_sizes.streamable_blocks(T5))
+    # on 48 GiB nothing streams: one bf16 transformer at a time, T5 on the GPU
+    assert all(plans[48][name].fits and not plans[48][name].streamed for name in memory.DEPLOYED)
     # on an H200 every variant is resident, and LegacyPredictor's LoRA originals all stay on the GPU
     assert plans[141]["LegacyPredictor"].lora_originals == GPU
     assert plans[141]["Predictor"].lora_originals == f"{GPU}+{HOST}"  # four variants' originals: 89 GiB at worst
+
+
+def test_the_setup_log_says_what_streams_and_its_cost(plans):
+    note = plans[24]["Predictor"].streaming_note()
+    assert note.startswith("Streaming from pinned host memory: FLUX dev-bf16 streams 11.60 GiB of its blocks at every "
+                           "step (at 25 GB/s at least 0.50 s a step")
+    assert "T5's layers stream for each prompt encoding" in note
+    assert plans[80]["Predictor"].streaming_note() is None
 
 
 def test_the_json_has_every_size_and_class(real_sizes, capsys):
@@ -191,12 +218,13 @@ def test_the_json_has_every_size_and_class(real_sizes, capsys):
 
     assert print_memory_plan(as_json=True, sizes=real_sizes) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert list(printed) == ["16", "24", "48", "80", "141"]
+    assert list(printed) == ["12", "16", "24", "48", "80", "141"]
     for by_class in printed.values():
         assert list(by_class) == list(memory.DEPLOYED)
         for plan in by_class.values():
             assert plan["fits"] == (plan["error"] is None) and isinstance(plan["resident"], list)
-    assert printed["24"]["FastPredictor"]["t5"] == "host" and printed["16"]["FastPredictor"]["fits"] is False
+    assert printed["24"]["FastPredictor"]["t5"] == "host" and printed["12"]["FastPredictor"]["fits"] is False
+    assert printed["16"]["Predictor"]["streamed_gib"]["dev-bf16"] == pytest.approx(19.7, abs=0.1)
 
 
 def test_the_tables_print(real_sizes, capsys):
@@ -205,8 +233,9 @@ def test_the_tables_print(real_sizes, capsys):
     print_memory_plan(as_json=False, sizes=real_sizes)
     out = capsys.readouterr().out
     assert "| T5 XXL encoder | bf16 | 8.87 |" in out
-    assert "| 80 | FastPredictor | yes | dev-fp8, schnell-fp8 | dev-bf16, schnell-bf16 | — | gpu |" in out
-    assert "16 GiB, FastPredictor: A 16.00 GiB GPU" in out
+    assert "| 80 | FastPredictor | yes | dev-fp8, schnell-fp8 | dev-bf16, schnell-bf16 | — | gpu | — |" in out
+    assert "| 24 | Predictor | yes | — | dev-bf16, schnell-bf16, dev-fp8, schnell-fp8 | — | host | dev-bf16 11.60" in out
+    assert "12 GiB, FastPredictor: A 12.00 GiB GPU" in out
 
 
 # --- setup: fit_to_gpu with the GPU size faked ---------------------------------------------------------------
@@ -232,24 +261,25 @@ def test_fit_to_gpu_returns_the_plan_setup_follows(real_sizes, plan_settings):
 
 def test_setup_refuses_a_gpu_too_small_with_one_sentence(real_sizes, plan_settings):
     with pytest.raises(NotEnoughGpuMemory) as refused:
-        fit_to_gpu([Variant("dev")], 24 * GIB, go_fast_default=False, sizes=real_sizes)
+        fit_to_gpu([Variant("dev")], 12 * GIB, go_fast_default=False, sizes=real_sizes)
     message = str(refused.value)
-    assert message.startswith("A 24.00 GiB GPU (23.40 GiB for the plan) cannot serve Predictor: it needs 33.44 GiB")
-    assert message.endswith("what would fit: FastPredictor (22.43 GiB), or a GPU of at least 35 GiB.")
+    assert message.startswith("A 12.00 GiB GPU (11.40 GiB for the plan) cannot serve Predictor: even streaming its "
+                              "bf16 transformer's blocks and T5's layers from host memory it needs 13.53 GiB")
+    assert message.endswith("or a GPU of at least 15 GiB.") and "FLUX_GPU_RESERVE_GB=" in message
     assert message.count(". ") == 0  # one sentence
     with pytest.raises(NotEnoughGpuMemory, match="cannot serve LegacyPredictor"):
-        fit_to_gpu([Variant("dev")], 24 * GIB, go_fast_default=False, go_fast_input=False, sizes=real_sizes)
+        fit_to_gpu([Variant("dev")], 12 * GIB, go_fast_default=False, go_fast_input=False, sizes=real_sizes)
 
 
 def test_a_smaller_reserve_named_in_the_refusal_does_fit(real_sizes, plan_settings):
-    # a "24 GB" card that shows 22.5 GiB: 0.6 short of FastPredictor with the 10 GiB reserve
-    gpu = int(22.5 * GIB)
+    # a 12 GB card (11.7 GiB as torch reports it): 1.9 GiB short of FastPredictor with the 10 GiB reserve
+    gpu = int(11.7 * GIB)
     with pytest.raises(NotEnoughGpuMemory) as refused:
         fit_to_gpu([Variant("dev", "fp8")], gpu, go_fast_default=True, sizes=real_sizes)
     reserve = str(refused.value).split("FLUX_GPU_RESERVE_GB=")[1].split(" ")[0]
     plan_settings.setenv("FLUX_GPU_RESERVE_GB", reserve)
     plan = fit_to_gpu([Variant("dev", "fp8")], gpu, go_fast_default=True, sizes=real_sizes)
-    assert plan.fits and plan.t5 == HOST and plan.activations == int(float(reserve) * GIB) >= real_sizes.t5
+    assert plan.fits and plan.t5 == HOST and plan.activations == int(float(reserve) * GIB) < 10 * GIB
 
 
 def test_budgets_from_settings(plan_settings):
@@ -340,3 +370,25 @@ def test_demands_of_the_deployed_classes():
     assert (legacy.name, legacy.servable) == ("LegacyPredictor", tuple(BF16))
     operator = demand_for(go_fast_default=False, go_fast_input=False, wanted=[Variant("schnell", "fp8")])
     assert operator.wanted == ("schnell-fp8",) and "schnell-fp8" in operator.servable
+
+
+# --- the cards people have (flux/fast/cards.py) ----------------------------------------------------------------
+
+def test_only_a_card_without_bf16_tensor_cores_is_refused_for_its_kind():
+    refusals = {item.short: card_refusal(item.name, item.capability, item.total_bytes) for item in CARDS}
+    assert [short for short, why in refusals.items() if why] == ["T4"]
+    assert refusals["T4"].startswith("The Tesla T4 (compute capability 7.5, 14.75 GiB) cannot serve FLUX.1: it has "
+                                     "no bfloat16 tensor cores")
+    assert refusals["T4"].count(". ") == 0 and "compute capability 8.0 or newer" in refusals["T4"]
+
+
+@pytest.mark.parametrize("name", memory.DEPLOYED)
+def test_every_class_fits_every_card_from_16_gib_without_refusing_a_variant(real_sizes, plan_settings, name):
+    go_fast_default, go_fast_input = memory.DEPLOYED[name]
+    for item in CARDS:
+        if item.capability < BF16_TENSOR_CORES:
+            continue
+        plan = fit_to_gpu(default_resident(go_fast_default), item.total_bytes, go_fast_default=go_fast_default,
+                          go_fast_input=go_fast_input, sizes=real_sizes)
+        assert plan.fits and not plan.variants(UNAVAILABLE), (item, plan.error)
+        assert plan.peak <= plan.budget and plan.setup_peak <= plan.budget

@@ -1,5 +1,5 @@
-"""flux/offload.py: a module waits on the host and visits the execution device only for its forward. The meta
-device stands in for the GPU: the same moves, no memory."""
+"""flux/offload.py: blocks rest in (pinned) host memory and visit the execution device one at a time, for each
+forward. The meta device stands in for the GPU: the same moves, no memory."""
 
 from __future__ import annotations
 
@@ -9,21 +9,21 @@ from diffusers import FluxPipeline
 from diffusers.utils.torch_utils import get_module_execution_device
 from torch import nn
 
-from flux.offload import offload_between_calls
+from flux.offload import StreamedBlocks, stream_t5, t5_layers
 from weights.pinned import PinnedArena
 
 META = torch.device("meta")
 
 
-def test_weights_visit_the_device_for_each_forward_and_the_host_copies_stay_the_same():
+def test_blocks_visit_the_device_for_each_forward_and_their_host_copies_stay_the_same():
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
     host_before = {name: t.detach().clone() for name, t in module.state_dict().items()}
     seen_during_forward = []
+    StreamedBlocks(module, list(module), META)  # its hooks first: they install the block
     module[0].register_forward_pre_hook(lambda m, args: seen_during_forward.append(m.weight.device.type))
-    offload_between_calls(module, META)
 
-    output = module(torch.zeros(2, 8, device="meta"))
+    output = module(torch.zeros(2, 8))  # inputs on the host: moved with the call
 
     assert output.device.type == "meta" and seen_during_forward == ["meta"]
     assert all(t.device.type == "cpu" for t in module.state_dict().values())  # back on the host after the call
@@ -38,25 +38,10 @@ def test_the_host_copies_are_views_of_one_slab_not_a_block_each():
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3))
     before = {name: t.detach().clone() for name, t in module.state_dict().items()}
-    offload_between_calls(module, torch.device("meta"))
+    StreamedBlocks(module, list(module), META)
     host = module.state_dict()
     assert len({t.untyped_storage().data_ptr() for t in host.values()}) == 1
     assert all(torch.equal(host[name], t) and host[name].dtype == t.dtype for name, t in before.items())
-
-
-def test_an_error_inside_the_forward_still_sends_the_weights_back_to_the_host():
-    """An OOM inside T5 must not leave its weights on the GPU until the next encode."""
-    module = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
-
-    def out_of_memory(_module, _args):
-        assert module[0].weight.device.type == "meta"  # raised while the weights are on the device
-        raise RuntimeError("CUDA out of memory")
-
-    module[1].register_forward_pre_hook(out_of_memory)
-    offload_between_calls(module, META)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        module(torch.zeros(2, 8, device="meta"))
-    assert all(t.device.type == "cpu" for t in module.state_dict().values())
 
 
 def test_t5_gets_its_prompt_ids_on_the_device_its_weights_visit(tiny_weights):
@@ -66,8 +51,8 @@ def test_t5_gets_its_prompt_ids_on_the_device_its_weights_visit(tiny_weights):
     t5 = pipeline.text_encoder_2
     seen = []
     t5.encoder.embed_tokens.register_forward_pre_hook(lambda m, args: seen.append((args[0].device, m.weight.device)))
-    offload_between_calls(t5, META)
-    assert get_module_execution_device(t5).type == "cpu"
+    stream_t5(t5, META)
+    assert get_module_execution_device(t5).type == "meta"
 
     prompt_embeds, _, _ = pipeline.encode_prompt(prompt="a photo", prompt_2=None, device=META, max_sequence_length=64)
 
@@ -91,9 +76,9 @@ def _distinct_bytes(module: nn.Module) -> int:
     return sum(tensor.nbytes for tensor in [*module.parameters(), *module.buffers()])
 
 
-def test_t5s_tied_embedding_is_pinned_once(monkeypatch):
-    t5 = _tiny_t5()
-    total, copied = _distinct_bytes(t5), []
+def test_only_t5s_layers_are_copied_to_the_host_arena_and_the_tied_embedding_moves_once(monkeypatch):
+    t5, copied = _tiny_t5(), []
+    layer_bytes = sum(_distinct_bytes(layer) for layer in t5_layers(t5))
     real_copy = PinnedArena.copy
 
     def counting_copy(arena, tensor):
@@ -101,24 +86,25 @@ def test_t5s_tied_embedding_is_pinned_once(monkeypatch):
         return real_copy(arena, tensor)
 
     monkeypatch.setattr(PinnedArena, "copy", counting_copy)
-    offload_between_calls(t5, META)  # host copies now; nothing goes to the device before a forward
-    assert sum(copied) == total and t5.shared.weight is t5.encoder.embed_tokens.weight
+    stream_t5(t5, META)
+    assert sum(copied) == layer_bytes
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight and t5.shared.weight.device == META
 
 
 @pytest.mark.parametrize("device", ["meta", "cpu"])
-def test_t5s_tied_embedding_is_copied_once_per_call_and_stays_tied(device):
+def test_t5s_layers_visit_the_device_for_the_call_and_encode_the_same(device):
     t5, ids = _tiny_t5(), torch.tensor([[5, 9, 1, 0]])
     with torch.no_grad():
         expected = t5(ids).last_hidden_state
-    total, during = _distinct_bytes(t5), []
-    t5.encoder.embed_tokens.register_forward_pre_hook(
-        lambda m, args: during.append((t5.shared.weight is m.weight, m.weight.device.type, _distinct_bytes(t5))))
-    offload_between_calls(t5, torch.device(device))
+    during = []
+    stream_t5(t5, torch.device(device))
+    t5_layers(t5)[0].register_forward_pre_hook(
+        lambda m, args: during.append(sorted({p.device.type for p in m.parameters()})))
 
     with torch.no_grad():
         output = t5(ids).last_hidden_state
 
-    assert during == [(True, device, total)]  # one copy of the embedding on the device, under both names
-    assert t5.shared.weight is t5.encoder.embed_tokens.weight and t5.shared.weight.device.type == "cpu"
+    assert during == [[device]]
+    assert all(p.device.type == "cpu" for layer in t5_layers(t5) for p in layer.parameters())
     if device == "cpu":  # meta has no values to compare
         torch.testing.assert_close(output, expected, rtol=0, atol=0)

@@ -101,6 +101,12 @@ class PinnedArena:
         """Host bytes the slabs take, as the caching host allocator rounds them."""
         return caching_host_bytes(self._packer.capacity)
 
+    def holds(self, tensor: Tensor) -> bool:
+        """Whether `tensor` is a view of one of the arena's slabs (already copied there)."""
+        # the storages' identity (their StorageImpl), not data_ptr(): that is 0 for every tensor without memory
+        return tensor.device.type == "cpu" and any(
+            tensor.untyped_storage()._cdata == slab.untyped_storage()._cdata for slab in self._slabs)
+
     def copy(self, tensor: Tensor) -> Tensor:
         """An exact copy of `tensor` (on any device) in the arena."""
         slab = self._packer.fit(tensor.nbytes)

@@ -49,6 +49,28 @@ CARDS = (
 )
 
 
+BF16_TENSOR_CORES = (8, 0)  # Ampere and newer
+
+
+class GpuCannotServe(RuntimeError):
+    """Setup refuses this GPU: an operator's problem, not a request's (so no errors.UserError). The message is one
+    sentence naming the card, what FLUX.1 needs and what would do."""
+
+
+def card_refusal(name: str, capability: tuple[int, int], total_bytes: int) -> str | None:
+    """Why this card cannot serve FLUX.1, or None. Below compute capability 8.0 (T4, V100) bf16 has no tensor
+    cores: a 1 MP dev step is about 125 TFLOP, over 15 s on a T4's 8.1 TFLOPS of fp32 CUDA cores; and FLUX overflows in
+    float16, so its fp16 tensor cores are no way round. The memory plan judges the size (flux/fast/memory.py)."""
+    if capability >= BF16_TENSOR_CORES:
+        return None
+    return (
+        f"The {name} (compute capability {capability[0]}.{capability[1]}, {total_bytes / GiB:.2f} GiB) cannot serve "
+        "FLUX.1: it has no bfloat16 tensor cores (a 1-megapixel dev step would take over 15 s, 7 minutes an "
+        "image) and FLUX overflows in float16; use a GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper, "
+        "Blackwell) with at least 16 GB."
+    )
+
+
 def card(short: str) -> Card:
     """The card of CARDS named `short` ("H100", "RTX 4090"...)."""
     for item in CARDS:

@@ -47,8 +47,9 @@ class Fp8LoraFuser(LoraFuser):
         read_source: Callable[[str, torch.device], Tensor],
         config,
         originals_budget: OriginalsBudget | None = None,
+        compute_device: torch.device | None = None,
     ):
-        super().__init__(components, originals_budget=originals_budget)
+        super().__init__(components, originals_budget=originals_budget, compute_device=compute_device)
         self._read_source = read_source
         self._config = config
         self._paths = {
@@ -69,13 +70,13 @@ class Fp8LoraFuser(LoraFuser):
     def restore(self, module: nn.Linear, backup: Backup) -> None:
         if not is_quantised(module.weight):
             return super().restore(module, backup)
-        source = backup.weight.to(module.weight.qdata.device, non_blocking=True)
+        source = backup.weight.to(self.compute_on(module.weight), non_blocking=True)
         self.write_fused(module, source, backup.bias)  # quantised exactly as the build did
 
     def original_as_float32(self, module: nn.Linear, backup: Backup) -> tuple[Tensor, Tensor | None]:
         if not is_quantised(module.weight):
             return super().original_as_float32(module, backup)
-        device = module.weight.qdata.device
+        device = self.compute_on(module.weight)
         bias = None if backup.bias is None else self.float32_on(backup.bias, device)
         return self.float32_on(backup.weight, device), bias
 
@@ -99,15 +100,17 @@ class Fp8LoraFuser(LoraFuser):
 
 def fuser_for(
     transformer: nn.Module, text_encoder: nn.Module, *, source: TensorSource, dtype: torch.dtype, config,
-    originals_budget: OriginalsBudget | None = None,
+    originals_budget: OriginalsBudget | None = None, compute_device: torch.device | None = None,
 ) -> LoraFuser:
     """The fuser for one variant's transformer (and the shared CLIP text encoder): the fp8 one when the
-    transformer has quantised Linears, reading its originals from `source`, the plain one otherwise."""
+    transformer has quantised Linears, reading its originals from `source`, the plain one otherwise.
+    compute_device: where weights resting on the host (streamed blocks) are fused (LoraFuser)."""
     components = {"transformer": transformer, "text_encoder": text_encoder}
     if not any(is_quantised(module.weight) for module in transformer.modules() if isinstance(module, nn.Linear)):
-        return LoraFuser(components, originals_budget=originals_budget)
+        return LoraFuser(components, originals_budget=originals_budget, compute_device=compute_device)
 
     def read_source(path: str, device: torch.device) -> Tensor:
         return source.read(path.removeprefix("transformer.") + ".weight", device, dtype)
 
-    return Fp8LoraFuser(components, read_source=read_source, config=config, originals_budget=originals_budget)
+    return Fp8LoraFuser(components, read_source=read_source, config=config, originals_budget=originals_budget,
+                        compute_device=compute_device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,17 +56,20 @@ def quantise_weight(weight: Tensor, config) -> Tensor:
 
 def build_fp8_transformer(
     config: dict, source: TensorSource, device: torch.device, dtype: torch.dtype, quantisation=None,
+    then: Callable[[str, nn.Module, Tensor], Tensor] | None = None,
 ) -> FluxTransformer2DModel:
     """The FLUX transformer of `config`, its blocks' Linear weights quantised with `quantisation` (a torchao
     config; default: this device's go_fast kernel), filled from `source` (the bf16 checkpoint, or synthetic
-    weights) tensor by tensor: no full bf16 copy is ever made."""
+    weights) tensor by tensor: no full bf16 copy is ever made. then(name, module, tensor): a further step for
+    each tensor once quantised (flux/pipelines.py parks a streamed block's in host memory)."""
     started = time.perf_counter()
     quantisation = quantisation or go_fast_kernel(device, dtype).config
 
     def quantise_block_linears(name: str, module: nn.Module, tensor: Tensor) -> Tensor:
         module_name, _, attribute = name.rpartition(".")
         quantised = attribute == "weight" and is_quantised_linear(module_name, module)
-        return quantise_weight(tensor, quantisation) if quantised else tensor
+        tensor = quantise_weight(tensor, quantisation) if quantised else tensor
+        return then(name, module, tensor) if then is not None else tensor
 
     model = flux_transformer(config, source, device, dtype, transform=quantise_block_linears)
     count = sum(is_quantised(module.weight) for module in model.modules() if isinstance(module, nn.Linear))

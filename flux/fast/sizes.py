@@ -67,6 +67,8 @@ class Sizes:
     shared: dict[str, int]
     lora_originals: dict[str, int] = field(default_factory=dict)
     pinned_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # what may stream (flux/offload.py): each variant's transformer blocks and T5's layers, bytes in running order
+    streamable: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def shared_total(self) -> int:
@@ -75,6 +77,10 @@ class Sizes:
     @property
     def t5(self) -> int:
         return self.shared.get(T5, 0)
+
+    def streamable_blocks(self, name: str) -> tuple[int, ...]:
+        """streamable[name] (T5 or a variant), or none where they are not known (nothing streams)."""
+        return self.streamable.get(name, ())
 
     def blocks(self, name: str) -> tuple[int, ...]:
         """pinned_blocks[name] (T5 or a variant), or its bytes as one block where they are not known."""
@@ -105,13 +111,24 @@ def real_sizes(models: dict[str, object] | None = None, *, kernel: GoFastKernel 
     """The real FLUX.1 components' sizes as they sit on the GPU (about 10 s to build the models on meta), fp8
     variants as go_fast's `kernel` (default: the H100's) stores them."""
     from flux.fast.quantize import is_quantised_linear
+    from flux.offload import t5_layers, transformer_blocks
 
     models = models or build_on_meta()
-    variants, originals, pinned = {}, {}, {T5: _offloaded_blocks(models["t5"])}
+    # T5's layers rest in pinned host memory when T5 is not resident (its embedding and final norm go to the GPU)
+    variants, originals = {}, {}
+    pinned = {T5: tuple(nbytes for layer in t5_layers(models["t5"]) for nbytes in _offloaded_blocks(layer))}
+    streamable = {T5: tuple(module_bytes(layer, BF16) for layer in t5_layers(models["t5"]))}
+
+    def in_blocks(name: str, module: object) -> bool:  # quantised inside a block: every Linear there (quantize.py)
+        return is_quantised_linear(f"transformer_blocks.{name}", module)
+
     for model in MODELS:
         transformer = models[f"transformer-{model}"]
         variants[f"{model}-bf16"] = module_bytes(transformer, BF16)
         variants[f"{model}-fp8"] = module_bytes(transformer, BF16, quantised=is_quantised_linear, kernel=kernel)
+        running = transformer_blocks(transformer)
+        streamable[f"{model}-bf16"] = tuple(module_bytes(block, BF16) for block in running)
+        streamable[f"{model}-fp8"] = tuple(module_bytes(block, BF16, quantised=in_blocks, kernel=kernel) for block in running)
         blocks = linear_weight_blocks(transformer) + linear_weight_blocks(models["clip"])
         for precision in ("bf16", "fp8"):  # each variant's fuser keeps its own, the CLIP encoder's included
             originals[f"{model}-{precision}"], pinned[f"{model}-{precision}"] = sum(blocks), blocks
@@ -122,4 +139,4 @@ def real_sizes(models: dict[str, object] | None = None, *, kernel: GoFastKernel 
         "safety stage 1, CLIP ViT-L (fp16)": module_bytes(models["safety-stage1"], FP16),
         "safety stage 2, ViT-base (fp32)": module_bytes(models["safety-stage2"], FP32),
     }
-    return Sizes(variants, shared, originals, pinned)
+    return Sizes(variants, shared, originals, pinned, streamable)
