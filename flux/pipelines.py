@@ -155,8 +155,12 @@ class FluxPipelines:
                 log.warning("FLUX %s runs without torch.compile, so go_fast (%s) is slower than bf16 here: the "
                             "quantising and scaling around each matmul run as separate kernels.", variant, self.go_fast.name)
         elif variant.fp8:  # built for a request: compiled only if setup's graphs fit it, never warmed up here
-            compile_reusing_graphs(transformer, self._compiled_shapes, label=f"FLUX {variant}",
-                                   options=self.go_fast.inductor_options)
+            compiled = compile_reusing_graphs(transformer, self._compiled_shapes, label=f"FLUX {variant}",
+                                              options=self.go_fast.inductor_options)
+            if not compiled and self.device.type == "cuda":
+                log.warning("FLUX %s runs without torch.compile (setup compiled no go_fast variant of these shapes; "
+                            "FLUX_RESIDENT_VARIANTS with an fp8 variant compiles one), so go_fast (%s) may be slower "
+                            "than bf16 here.", variant, self.go_fast.name)
         return transformer
 
     def _stream(self, variant: Variant, transformer, streamed: tuple[int, ...], arena: PinnedArena):

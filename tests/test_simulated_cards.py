@@ -104,3 +104,18 @@ def test_every_component_keeps_its_setup_dtype_and_device(runs, size, klass, nam
 @pytest.mark.parametrize(("size", "klass", "name"), cases("bytes"))
 def test_the_plans_bytes_per_component_are_the_live_bytes_within_one_percent(runs, size, klass, name):
     assert not violations(runs.report(size, klass, name))["bytes"]
+
+
+def test_a_go_fast_variant_built_for_a_request_says_when_it_runs_without_compiled_graphs(tmp_path, caplog):
+    """Predictor compiles no fp8 variant at setup, so one built for a request runs its 8-bit kernels eagerly: slower
+    than bf16 on a GPU, and the log says so (FLUX_RESIDENT_VARIANTS with an fp8 variant is the remedy)."""
+    import logging
+
+    layers = Layers(1, 1, 1)
+    safety = prepare_workdir(tmp_path, layers)
+    go_fast = next(spec for spec in REQUESTS if spec.label == "txt2img dev go_fast")
+    with caplog.at_level(logging.WARNING, logger="flux.pipelines"), \
+            simulated_server("Predictor", card("H100"), layers, tmp_path, safety) as server:
+        report = server.serve((go_fast,), {})
+    assert report.requests[0].status == "ok", report.requests[0].error
+    assert "FLUX dev-fp8 runs without torch.compile" in caplog.text
