@@ -13,7 +13,7 @@ may ask for, those it wants resident), pure arithmetic on those sizes:
 - Every variant a request may ask for that fits alone beside those is servable; the others are unavailable. The
   servable ones, wanted first, are resident while one `slot` for any other still fits beside them; a variant
   outside the resident set is built from the checkpoint into the slot when asked for (lazy).
-- Streaming (16-24 GiB cards): when a required variant does not fit whole, nothing is resident and every variant
+- Streaming (16-24 GiB cards): when some variant does not fit whole, nothing is resident and every variant
   goes through the slot, which is all the room left; a variant larger than it streams the blocks that do not fit
   from pinned host memory at every step (`streamed`; flux/offload.py `spread`), two blocks in flight. Each step
   then costs at least streamed bytes / HOST_LINK seconds, overlapped with the compute.
@@ -24,7 +24,7 @@ may ask for, those it wants resident), pure arithmetic on those sizes:
   resident variant and the slot's largest, and gives them the GPU room left beside everything else (a switch
   is then an HBM copy); what does not fit there goes to pinned host memory (a PCIe copy).
 - Pinned host memory (`host_pinned`) is counted as torch takes it: in slabs, each rounded up to a power of two by
-  the caching host allocator (weights/pinned.py): T5's 8.87 GiB of tensors take 9.25 GiB.
+  the caching host allocator (weights/pinned.py): T5's layers, 8.63 GiB of tensors, take 9.00 GiB.
 - setup never holds two full bf16 copies of one transformer (bf16 is loaded once, to one place; fp8 is built
   from the checkpoint tensor by tensor); the plan lists the setup steps with the copies alive after each.
 
