@@ -121,9 +121,9 @@ def test_the_product_builds_go_fast_in_the_kernel_it_is_given(int8_pipelines):
 
 
 def test_go_fast_int8_keeps_a_typical_loras_strength_and_stays_close_to_bf16(int8_pipelines, tmp_path):
-    """The figures script/_go_fast_quality.py prints, with int8 activations really computed (torchao runs them on
+    """The figures bench/_go_fast_quality.py prints, with int8 activations really computed (torchao runs them on
     CPU): the LoRA's effect on the image at full strength, and the image close to the model dtype's."""
-    from script._go_fast_quality import measure_quality, typical_lora
+    from bench._go_fast_quality import measure_quality, typical_lora
 
     lora = typical_lora(int8_pipelines.transformer("dev-bf16"), tmp_path)
     quality = measure_quality(int8_pipelines, lora, size=256, steps=1)
