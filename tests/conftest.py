@@ -32,7 +32,25 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, value in defaults.items():
         if name not in os.environ:
             environment.setenv(name, value)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:  # script/test's workers share the cores, not each all
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        environment.setenv("OMP_NUM_THREADS", str(threads))  # the processes tests start
+        torch.set_num_threads(threads)
     config.stash[_SESSION_ENVIRONMENT], config.stash[_LORA_CACHE] = environment, lora_cache
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """script/test's workers take whole test modules, so module fixtures (a real-width model, a server) are built
+    once; the simulated-card tier is split finer (tests/fixtures/scheduling.py). An explicit --dist wins."""
+    if config.getvalue("dist") != "load":
+        return None
+    from tests.fixtures.scheduling import ModulesAndCardRuns
+
+    return ModulesAndCardRuns(config, log)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
