@@ -39,7 +39,8 @@ def cases(check: str, *, serving_only: bool = True) -> list:
 
 
 class Runs:
-    """Each (size, class, card) served once per module; cards in the same situation share their request runs."""
+    """Each (size, class, card) served once per worker (tests/fixtures/scheduling.py keeps a case's checks on one);
+    cards in the same situation on the same worker share their request runs."""
 
     def __init__(self, root):
         self.root, self.reports, self.served, self.safety = root, {}, {}, {}
